@@ -1,0 +1,302 @@
+//! Shared ABI between the XDP program and userspace, plus a pure-Rust reference
+//! classifier that the kernel program is differentially tested against.
+//!
+//! Every `#[repr(C)]` type here uses explicit padding fields and only integer
+//! members, so its layout has no hidden holes and `bpftool map dump` prints the
+//! same field names userspace uses.
+#![no_std]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod classify;
+#[cfg(feature = "overlay-toml")]
+pub mod overlay_toml;
+
+/// Bumped whenever a pinned map's key or value layout changes. A pin directory
+/// holding maps of another ABI is refused instead of being silently reused.
+pub const ABI_VERSION: u32 = 1;
+/// `CTRL.magic`: "FWC1" in ASCII, so a hex dump shows what the map is.
+pub const CTRL_MAGIC: u32 = u32::from_be_bytes(*b"FWC1");
+
+/// `removed_gen` of an entry that is not scheduled for removal.
+pub const GEN_NEVER: u64 = u64::MAX;
+
+/// Names of the maps, which are also their pin file names.
+pub mod names {
+    pub const PEERS_V4: &str = "PEERS_V4";
+    pub const PEERS_V6: &str = "PEERS_V6";
+    pub const CIDR4_0: &str = "CIDR4_0";
+    pub const CIDR4_1: &str = "CIDR4_1";
+    pub const CIDR6_0: &str = "CIDR6_0";
+    pub const CIDR6_1: &str = "CIDR6_1";
+    pub const CTRL: &str = "CTRL";
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Maps shared by every interface of one pin directory: one fleet allowlist.
+    pub const SHARED: [&str; 7] = [PEERS_V4, PEERS_V6, CIDR4_0, CIDR4_1, CIDR6_0, CIDR6_1, CTRL];
+    /// The XDP program's function name.
+    pub const PROGRAM: &str = "firewall";
+}
+
+/// Default capacities. The peer maps are `BPF_F_NO_PREALLOC`, so capacity costs
+/// only the bucket array (16 B per slot) until entries are inserted.
+pub const DEFAULT_MAX_PEERS: u32 = 262_144;
+pub const MAX_CIDRS: u32 = 16_384;
+
+/// Key of `PEERS_V4`: the source address as 4 bytes in network order, so bpftool
+/// prints `"addr": [198,18,0,1]` rather than a byte-swapped integer.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct PeerV4Key {
+    pub addr: [u8; 4],
+}
+
+/// Key of `PEERS_V6`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct PeerV6Key {
+    pub addr: [u8; 16],
+}
+
+/// Who put an entry in the peer maps. The controller only ever changes entries of
+/// its own origin; operator entries stay until an operator removes them.
+pub mod origin {
+    pub const OPERATOR: u32 = 1;
+    pub const DISCOVERY: u32 = 2;
+}
+
+/// Value of the exact-peer maps.
+///
+/// An entry is visible to a packet iff `added_gen <= CTRL.committed_gen < removed_gen`.
+/// Staging generation G+1 inserts new entries with `added_gen = G+1` and marks
+/// removals with `removed_gen = G+1`; neither is visible until the flip writes
+/// `committed_gen = G+1`, after which both are, at once.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct PeerVal {
+    pub added_gen: u64,
+    pub removed_gen: u64,
+    /// Packets passed because of this entry. Incremented without atomics: a lost
+    /// increment under contention is acceptable for an operator counter, a locked
+    /// add on every packet is not.
+    pub hits: u64,
+    pub origin: u32,
+    pub _pad: u32,
+}
+
+impl PeerVal {
+    #[inline(always)]
+    pub fn visible_at(&self, committed: u64) -> bool {
+        self.added_gen <= committed && committed < self.removed_gen
+    }
+}
+
+/// Key of the CIDR tries (`aya` and `aya-ebpf` both use this exact layout for
+/// `lpm_trie::Key<[u8; N]>`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LpmKeyV4 {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
+/// Value of the CIDR tries. CIDR tries are not generation-tagged: a longest-prefix
+/// match cannot skip an invisible entry (a staged /24 would shadow a live /16), so
+/// CIDRs use two tries per family and `committed_gen & 1` selects the live one.
+/// Only 4-byte aligned: the kernel places the value right after the 8-byte key.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct CidrVal {
+    pub origin: u32,
+    pub _pad: u32,
+}
+
+/// The single value of `CTRL`, an mmapable array. The datapath reads only
+/// `committed_gen` and the live slot of `cidr*_count`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Control {
+    /// The flip word. Written with one aligned 8-byte atomic store through mmap,
+    /// so no reader can see a torn value.
+    pub committed_gen: u64,
+    /// `committed_gen + 1` while a generation is staged and not yet flipped.
+    pub staged_gen: u64,
+    pub magic: u32,
+    pub abi_version: u32,
+    /// Entries in each CIDR trie slot. Zero in the live slot lets the datapath
+    /// skip the LPM lookup entirely.
+    pub cidr4_count: [u32; 2],
+    pub cidr6_count: [u32; 2],
+    /// Number of entries visible at `committed_gen` (exact + CIDR), and an
+    /// order-independent checksum of them, for verification and status.
+    pub peer_count: u64,
+    pub checksum: u64,
+}
+
+/// Per-CPU counters, one per verdict reason.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Counters {
+    pub overlay: u64,
+    pub peer: u64,
+    pub nonip: u64,
+    pub neighbour: u64,
+    pub default_drop: u64,
+    pub malformed: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.overlay += o.overlay;
+        self.peer += o.peer;
+        self.nonip += o.nonip;
+        self.neighbour += o.neighbour;
+        self.default_drop += o.default_drop;
+        self.malformed += o.malformed;
+    }
+    pub fn get(&self, r: Reason) -> u64 {
+        match r {
+            Reason::Overlay => self.overlay,
+            Reason::Peer => self.peer,
+            Reason::NonIp => self.nonip,
+            Reason::Neighbour => self.neighbour,
+            Reason::DefaultDrop => self.default_drop,
+            Reason::Malformed => self.malformed,
+        }
+    }
+}
+
+/// Why a packet got its verdict.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Overlay,
+    Peer,
+    NonIp,
+    Neighbour,
+    DefaultDrop,
+    Malformed,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::Overlay,
+        Reason::Peer,
+        Reason::NonIp,
+        Reason::Neighbour,
+        Reason::DefaultDrop,
+        Reason::Malformed,
+    ];
+    pub fn passes(self) -> bool {
+        matches!(self, Reason::Overlay | Reason::Peer | Reason::NonIp | Reason::Neighbour)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Overlay => "overlay",
+            Reason::Peer => "peer",
+            Reason::NonIp => "nonip",
+            Reason::Neighbour => "neighbour",
+            Reason::DefaultDrop => "default_drop",
+            Reason::Malformed => "malformed",
+        }
+    }
+}
+
+/// One compiled-in overlay rule, in the form the read-back table stores it.
+/// `family` is 4 or 6; `proto` 0 means any; `dport`/`sport` 0 means any (a port
+/// implies TCP or UDP); `addr` is in network order, left-aligned (IPv4 uses 4
+/// bytes). Source ports exist because the filter is stateless: the replies to a
+/// node's own TCP connections to a gossip or etcd port come *from* that port.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct OverlayRule {
+    pub family: u8,
+    pub prefix_len: u8,
+    pub proto: u8,
+    pub _pad: u8,
+    pub dport: u16,
+    pub sport: u16,
+    pub addr: [u8; 16],
+}
+
+/// Upper bound on compiled-in overlay rules: they become straight-line compares
+/// in the hot path, so the list must stay short.
+pub const OVERLAY_MAX: usize = 32;
+/// Marks the read-back copy of the overlay table inside the program's `.rodata`.
+pub const OVERLAY_MAGIC: [u8; 8] = *b"FWOVRLY1";
+
+/// The overlay table as embedded in `.rodata`. `status` finds it through the
+/// loaded program's map ids, so what it prints is what the kernel runs, not
+/// what a file on disk says today.
+#[derive(Copy, Clone, Debug)]
+#[repr(C)]
+pub struct OverlayTable {
+    pub magic: [u8; 8],
+    pub count: u32,
+    pub _pad: u32,
+    pub rules: [OverlayRule; OVERLAY_MAX],
+}
+
+impl OverlayRule {
+    /// Does this rule allow a packet from `src` (network order, `family` bytes)
+    /// with IP protocol `proto` and `(sport, dport)` (None when the packet has
+    /// no visible L4 ports: other protocols, later fragments)?
+    pub fn matches(&self, family: u8, src: &[u8], proto: u8, ports: Option<(u16, u16)>) -> bool {
+        if self.family != family {
+            return false;
+        }
+        if !prefix_contains(&self.addr[..src.len()], self.prefix_len, src) {
+            return false;
+        }
+        if self.proto != 0 && self.proto != proto {
+            return false;
+        }
+        if self.dport == 0 && self.sport == 0 {
+            return true;
+        }
+        match ports {
+            Some((sport, dport)) => {
+                (self.dport == 0 || self.dport == dport) && (self.sport == 0 || self.sport == sport)
+            }
+            None => false,
+        }
+    }
+}
+
+/// Whether `addr` lies in `net/len` (both network order, same length).
+pub fn prefix_contains(net: &[u8], len: u8, addr: &[u8]) -> bool {
+    let len = len as usize;
+    let full = len / 8;
+    if net[..full] != addr[..full] {
+        return false;
+    }
+    let rem = len % 8;
+    if rem == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rem);
+    net[full] & mask == addr[full] & mask
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::PeerV4Key {}
+    unsafe impl aya::Pod for super::PeerV6Key {}
+    unsafe impl aya::Pod for super::PeerVal {}
+    unsafe impl aya::Pod for super::CidrVal {}
+    unsafe impl aya::Pod for super::Control {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::LpmKeyV4 {}
+}
+
+// Layout asserts: a change here changes the kernel ABI and must bump ABI_VERSION.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<PeerV4Key>() == 4);
+    assert!(size_of::<PeerV6Key>() == 16);
+    assert!(size_of::<PeerVal>() == 32);
+    assert!(size_of::<CidrVal>() == 8);
+    assert!(size_of::<Control>() == 56);
+    assert!(size_of::<Counters>() == 48);
+    assert!(size_of::<OverlayRule>() == 24);
+    assert!(size_of::<OverlayTable>() == 16 + 24 * OVERLAY_MAX);
+};
