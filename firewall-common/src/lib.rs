@@ -166,8 +166,9 @@ impl Counters {
     }
 }
 
-/// Why a packet got its verdict.
+/// Why a packet got its verdict. The discriminants index `Counters`' fields.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
 pub enum Reason {
     Overlay,
     Peer,
