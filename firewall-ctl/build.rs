@@ -23,13 +23,19 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:warning=firewall-ctl: eBPF build skipped, kernel features are unavailable");
         return Ok(());
     }
-    let cargo_metadata::Metadata { packages, .. } =
-        cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
     let pkg = packages
         .into_iter()
         .find(|p| p.name.as_str() == "firewall-ebpf")
         .ok_or_else(|| anyhow!("firewall-ebpf package not found"))?;
-    let root_dir = pkg.manifest_path.parent().ok_or_else(|| anyhow!("manifest has no parent"))?.to_string();
+    let root_dir = pkg
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("manifest has no parent"))?
+        .to_string();
     aya_build::build_ebpf(
         [aya_build::Package { name: pkg.name.as_str(), root_dir: &root_dir, ..Default::default() }],
         aya_build::Toolchain::default(),

@@ -19,12 +19,20 @@ fn main() {
         .unwrap_or_else(|| manifest.join("../overlay.toml"));
     println!("cargo:rerun-if-changed={}", path.display());
     let text = fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("cannot read the overlay allowlist {}: {e}; create it or point FIREWALL_OVERLAY at one", path.display())
+        panic!(
+            "cannot read the overlay allowlist {}: {e}; create it or point FIREWALL_OVERLAY at one",
+            path.display()
+        )
     });
     let rules = overlay_toml::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 
     let mut src = String::new();
-    writeln!(src, "// Generated from {} by firewall-ebpf/build.rs. Do not edit.", path.display()).unwrap();
+    writeln!(
+        src,
+        "// Generated from {} by firewall-ebpf/build.rs. Do not edit.",
+        path.display()
+    )
+    .unwrap();
     src.push_str(&matcher(4, &rules));
     src.push_str(&matcher(6, &rules));
     let mut table = String::new();
@@ -48,7 +56,10 @@ fn main() {
 fn matcher(family: u8, rules: &[overlay_toml::NamedRule]) -> String {
     let mut groups: Vec<(u8, [u8; 16], Vec<&overlay_toml::NamedRule>)> = Vec::new();
     for nr in rules.iter().filter(|r| r.rule.family == family) {
-        match groups.iter_mut().find(|g| g.0 == nr.rule.prefix_len && g.1 == nr.rule.addr) {
+        match groups
+            .iter_mut()
+            .find(|g| g.0 == nr.rule.prefix_len && g.1 == nr.rule.addr)
+        {
             Some(g) => g.2.push(nr),
             None => groups.push((nr.rule.prefix_len, nr.rule.addr, vec![nr])),
         }
@@ -62,11 +73,19 @@ fn matcher(family: u8, rules: &[overlay_toml::NamedRule]) -> String {
     for (len, addr, members) in &groups {
         let cond = if family == 4 {
             let net = u32::from_be_bytes(addr[..4].try_into().unwrap());
-            let mask = if *len == 0 { 0 } else { u32::MAX << (32 - *len as u32) };
+            let mask = if *len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - *len as u32)
+            };
             format!("src & {mask:#010x} == {net:#010x}")
         } else {
             let net = u128::from_be_bytes(*addr);
-            let mask = if *len == 0 { 0 } else { u128::MAX << (128 - *len as u32) };
+            let mask = if *len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - *len as u32)
+            };
             let (mh, ml) = ((mask >> 64) as u64, mask as u64);
             let mut c = format!("hi & {mh:#018x} == {:#018x}", (net >> 64) as u64);
             if ml != 0 {
@@ -75,19 +94,43 @@ fn matcher(family: u8, rules: &[overlay_toml::NamedRule]) -> String {
             c
         };
         writeln!(f, "    if {cond} {{").unwrap();
-        for nr in members.iter().filter(|r| r.rule.dport == 0 && r.rule.sport == 0) {
-            let p = if nr.rule.proto == 0 { "true".to_string() } else { format!("proto == {}", nr.rule.proto) };
-            writeln!(f, "        if {p} {{ return true; }} // {}", nr.comment.replace(['\n', '\r'], " ")).unwrap();
+        for nr in members
+            .iter()
+            .filter(|r| r.rule.dport == 0 && r.rule.sport == 0)
+        {
+            let p = if nr.rule.proto == 0 {
+                "true".to_string()
+            } else {
+                format!("proto == {}", nr.rule.proto)
+            };
+            writeln!(
+                f,
+                "        if {p} {{ return true; }} // {}",
+                nr.comment.replace(['\n', '\r'], " ")
+            )
+            .unwrap();
         }
-        let ported: Vec<_> = members.iter().filter(|r| r.rule.dport != 0 || r.rule.sport != 0).collect();
+        let ported: Vec<_> = members
+            .iter()
+            .filter(|r| r.rule.dport != 0 || r.rule.sport != 0)
+            .collect();
         if !ported.is_empty() {
             f.push_str("        if let Some(p) = l4 {\n            let p = unsafe { *p };\n            let sport = u16::from_be_bytes([p[0], p[1]]);\n            let dport = u16::from_be_bytes([p[2], p[3]]);\n");
             for nr in ported {
                 let r = &nr.rule;
                 let mut c = format!("proto == {}", r.proto);
-                if r.dport != 0 { write!(c, " && dport == {}", r.dport).unwrap(); }
-                if r.sport != 0 { write!(c, " && sport == {}", r.sport).unwrap(); }
-                writeln!(f, "            if {c} {{ return true; }} // {}", nr.comment.replace(['\n', '\r'], " ")).unwrap();
+                if r.dport != 0 {
+                    write!(c, " && dport == {}", r.dport).unwrap();
+                }
+                if r.sport != 0 {
+                    write!(c, " && sport == {}", r.sport).unwrap();
+                }
+                writeln!(
+                    f,
+                    "            if {c} {{ return true; }} // {}",
+                    nr.comment.replace(['\n', '\r'], " ")
+                )
+                .unwrap();
             }
             f.push_str("        }\n");
         }

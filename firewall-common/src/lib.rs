@@ -100,6 +100,14 @@ pub struct LpmKeyV4 {
     pub addr: [u8; 4],
 }
 
+/// Key of the IPv6 CIDR tries.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LpmKeyV6 {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
 /// Value of the CIDR tries. CIDR tries are not generation-tagged: a longest-prefix
 /// match cannot skip an invisible entry (a staged /24 would shadow a live /16), so
 /// CIDRs use two tries per family and `committed_gen & 1` selects the live one.
@@ -188,7 +196,10 @@ impl Reason {
         Reason::Malformed,
     ];
     pub fn passes(self) -> bool {
-        matches!(self, Reason::Overlay | Reason::Peer | Reason::NonIp | Reason::Neighbour)
+        matches!(
+            self,
+            Reason::Overlay | Reason::Peer | Reason::NonIp | Reason::Neighbour
+        )
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -287,6 +298,7 @@ mod pod {
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::LpmKeyV4 {}
+    unsafe impl aya::Pod for super::LpmKeyV6 {}
 }
 
 // Layout asserts: a change here changes the kernel ABI and must bump ABI_VERSION.

@@ -98,13 +98,22 @@ pub fn parse(text: &str) -> Result<Vec<NamedRule>, String> {
                 "{at}: host bits are set; write the network address of the prefix"
             ));
         }
-        let proto = parse_proto(raw.proto.as_deref().unwrap_or("any")).map_err(|e| format!("{at}: {e}"))?;
+        let proto =
+            parse_proto(raw.proto.as_deref().unwrap_or("any")).map_err(|e| format!("{at}: {e}"))?;
         let (dport, sport) = (raw.dport.unwrap_or(0), raw.sport.unwrap_or(0));
         if (dport != 0 || sport != 0) && proto != 6 && proto != 17 {
             return Err(format!("{at}: a port needs proto = \"tcp\" or \"udp\""));
         }
         out.push(NamedRule {
-            rule: OverlayRule { family, prefix_len, proto, _pad: 0, dport, sport, addr: bytes },
+            rule: OverlayRule {
+                family,
+                prefix_len,
+                proto,
+                _pad: 0,
+                dport,
+                sport,
+                addr: bytes,
+            },
             comment: raw.comment.clone().unwrap_or_default(),
         });
     }
@@ -121,11 +130,29 @@ mod tests {
         assert_eq!(r[0].rule.family, 4);
         assert_eq!(r[0].rule.prefix_len, 15);
         assert_eq!(r[0].rule.dport, 4789);
-        assert!(parse("[[rule]]\ncidr=\"198.18.0.1/15\"\n").unwrap_err().contains("host bits"));
-        assert!(parse("[[rule]]\ncidr=\"2001:2::/48\"\ndport=1\n").unwrap_err().contains("needs proto"));
-        assert!(parse("[[rule]]\ncidr=\"2001:2::/48\"\nbogus=1\n").unwrap_err().contains("bogus"));
-        assert!(parse("[[rule]]\ncidr=\"1.2.3.4/33\"\n").unwrap_err().contains("0..=32"));
-        let many: String = (0..33).map(|i| format!("[[rule]]\ncidr=\"198.18.{i}.0/24\"\n")).collect();
+        assert!(
+            parse("[[rule]]\ncidr=\"198.18.0.1/15\"\n")
+                .unwrap_err()
+                .contains("host bits")
+        );
+        assert!(
+            parse("[[rule]]\ncidr=\"2001:2::/48\"\ndport=1\n")
+                .unwrap_err()
+                .contains("needs proto")
+        );
+        assert!(
+            parse("[[rule]]\ncidr=\"2001:2::/48\"\nbogus=1\n")
+                .unwrap_err()
+                .contains("bogus")
+        );
+        assert!(
+            parse("[[rule]]\ncidr=\"1.2.3.4/33\"\n")
+                .unwrap_err()
+                .contains("0..=32")
+        );
+        let many: String = (0..33)
+            .map(|i| format!("[[rule]]\ncidr=\"198.18.{i}.0/24\"\n"))
+            .collect();
         assert!(parse(&many).unwrap_err().contains("at most 32"));
         assert!(parse("").unwrap().is_empty());
     }

@@ -105,7 +105,12 @@ pub fn lookup_floor(ctx: XdpContext) -> u32 {
     let Some(p) = ptr_at::<[u8; 4]>(&ctx, EthHdr::LEN + 12) else {
         return xdp_action::XDP_DROP;
     };
-    if PEERS_V4.get_ptr(PeerV4Key { addr: unsafe { *p } }).is_some() {
+    if PEERS_V4
+        .get_ptr(PeerV4Key {
+            addr: unsafe { *p },
+        })
+        .is_some()
+    {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -189,7 +194,8 @@ fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
     let proto = ip.proto;
     // One 4-byte load instead of four byte loads: packet memory has no alignment
     // requirement for the verifier, and `read_unaligned` keeps Rust honest.
-    let src_raw = unsafe { core::ptr::read_unaligned(core::ptr::addr_of!(ip.src_addr) as *const u32) };
+    let src_raw =
+        unsafe { core::ptr::read_unaligned(core::ptr::addr_of!(ip.src_addr) as *const u32) };
     let src_bytes = src_raw.to_ne_bytes();
     let mut l4 = None;
     if !later_fragment && (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
@@ -214,7 +220,11 @@ fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
     }
     let key = Key::new(32, src_bytes);
     let hit = if generation & 1 == 0 {
-        if ctrl.cidr4_count[0] == 0 { None } else { CIDR4_0.get(&key) }
+        if ctrl.cidr4_count[0] == 0 {
+            None
+        } else {
+            CIDR4_0.get(&key)
+        }
     } else if ctrl.cidr4_count[1] == 0 {
         None
     } else {
@@ -256,7 +266,11 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
                     return Reason::Malformed;
                 };
                 let h = unsafe { *h };
-                let len = if next == 51 { (h[1] as usize + 2) * 4 } else { (h[1] as usize + 1) * 8 };
+                let len = if next == 51 {
+                    (h[1] as usize + 2) * 4
+                } else {
+                    (h[1] as usize + 1) * 8
+                };
                 next = h[0];
                 l4 += len;
             }
@@ -272,7 +286,11 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
         let Some(p) = ptr_at::<[u8; 4]>(ctx, l4) else {
             return Reason::Malformed;
         };
-        if next == IPPROTO_ICMPV6 { icmp = Some(p) } else { ports = Some(p) }
+        if next == IPPROTO_ICMPV6 {
+            icmp = Some(p)
+        } else {
+            ports = Some(p)
+        }
     }
     let src_ptr = core::ptr::addr_of!(ip.src_addr) as *const u64;
     let hi = u64::from_be(unsafe { core::ptr::read_unaligned(src_ptr) });
@@ -291,7 +309,11 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
         }
         let key = Key::new(128, ip.src_addr);
         let hit = if generation & 1 == 0 {
-            if ctrl.cidr6_count[0] == 0 { None } else { CIDR6_0.get(&key) }
+            if ctrl.cidr6_count[0] == 0 {
+                None
+            } else {
+                CIDR6_0.get(&key)
+            }
         } else if ctrl.cidr6_count[1] == 0 {
             None
         } else {
@@ -318,4 +340,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-

@@ -1,0 +1,217 @@
+//! The two-phase commit: stage, verify, flip, collect. The only code that writes
+//! peer generations, used by `firewall-ctl peers` and by the controller alike.
+
+use ipnet::IpNet;
+
+use crate::{
+    peers::{Changes, Digest, PeerSet, is_exact},
+    store::{PeerStore, StoreError},
+};
+
+/// The committed state as the writer knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    pub generation: u64,
+    pub set: PeerSet,
+    pub digest: Digest,
+}
+
+impl Committed {
+    /// Adopt what a store holds, cleaning up after any crashed commit first.
+    pub fn adopt(store: &mut impl PeerStore) -> Result<(Committed, u64), StoreError> {
+        let loaded = store.load()?;
+        let cleaned = if loaded.leftovers > 0 {
+            store.cleanup()?
+        } else {
+            0
+        };
+        let digest = Digest::of(&loaded.set);
+        Ok((
+            Committed {
+                generation: loaded.generation,
+                set: loaded.set,
+                digest,
+            },
+            cleaned,
+        ))
+    }
+}
+
+/// What a commit did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    pub generation: u64,
+    pub added: Vec<IpNet>,
+    pub removed: Vec<IpNet>,
+    /// A failed collection is not a failed commit: the entries are already
+    /// invisible and the next cleanup removes them.
+    pub gc_error: Option<String>,
+}
+
+/// Commit `changes` on top of `current`. On success `current` describes the new
+/// generation. On failure the old generation stays in force in the store,
+/// `current` is unchanged, and the half-staged entries have been cleaned up
+/// (if even that fails, the next `adopt` cleans them).
+pub fn commit(
+    store: &mut impl PeerStore,
+    current: &mut Committed,
+    changes: Changes,
+) -> Result<Option<CommitReport>, StoreError> {
+    // Normalise: drop no-op adds and removals of absent entries, so the diff
+    // that is staged, verified and reported is exactly what changes.
+    let mut changes = Changes {
+        add: changes
+            .add
+            .into_iter()
+            .filter(|(n, o)| current.set.get(n) != Some(o))
+            .collect(),
+        remove: changes
+            .remove
+            .into_iter()
+            .filter(|n| current.set.contains_key(n))
+            .collect(),
+    };
+    changes.add.sort();
+    changes.add.dedup_by_key(|(n, _)| *n);
+    changes.remove.sort();
+    changes.remove.dedup();
+    changes
+        .remove
+        .retain(|n| changes.add.binary_search_by_key(n, |(a, _)| *a).is_err());
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    let generation = current.generation + 1;
+    let mut next = current.set.clone();
+    let mut digest = current.digest;
+    for n in &changes.remove {
+        if let Some(o) = next.remove(n) {
+            digest.remove(n, o);
+        }
+    }
+    for (n, o) in &changes.add {
+        if let Some(old) = next.insert(*n, *o) {
+            digest.remove(n, old);
+        }
+        digest.add(n, *o);
+    }
+    let cidrs: PeerSet = next
+        .iter()
+        .filter(|(n, _)| !is_exact(n))
+        .map(|(n, o)| (*n, *o))
+        .collect();
+
+    let staged = store
+        .stage(generation, &changes, &cidrs)
+        .and_then(|()| store.verify(generation, &changes, &cidrs, digest))
+        .and_then(|()| store.flip(generation, digest));
+    if let Err(e) = staged {
+        let _ = store.cleanup();
+        return Err(e);
+    }
+    // From here on the new generation is what packets see.
+    let removed_exact: Vec<IpNet> = changes
+        .remove
+        .iter()
+        .filter(|n| is_exact(n))
+        .copied()
+        .collect();
+    let gc_error = store
+        .gc(generation, &removed_exact)
+        .err()
+        .map(|e| e.to_string());
+    *current = Committed {
+        generation,
+        set: next,
+        digest,
+    };
+    Ok(Some(CommitReport {
+        generation,
+        added: changes.add.iter().map(|(n, _)| *n).collect(),
+        removed: changes.remove,
+        gc_error,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        peers::{DISCOVERY, OPERATOR},
+        store::{FaultPoint, MemStore},
+    };
+
+    fn p(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn commits_and_collects() {
+        let mut st = MemStore::new(100);
+        let (mut cur, _) = Committed::adopt(&mut st).unwrap();
+        let add = Changes {
+            add: vec![
+                (p("198.18.0.1/32"), OPERATOR),
+                (p("198.18.4.0/24"), DISCOVERY),
+            ],
+            remove: vec![],
+        };
+        let r = commit(&mut st, &mut cur, add).unwrap().unwrap();
+        assert_eq!(r.generation, 1);
+        assert_eq!(st.visible(), cur.set);
+        let rm = Changes {
+            add: vec![],
+            remove: vec![p("198.18.0.1/32")],
+        };
+        commit(&mut st, &mut cur, rm).unwrap().unwrap();
+        assert_eq!(st.visible(), cur.set);
+        assert!(st.exact.is_empty(), "removed entry collected");
+        assert_eq!(commit(&mut st, &mut cur, Changes::default()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_failure_at_any_step_keeps_the_old_generation() {
+        for fault in [
+            FaultPoint::StageAfter(0),
+            FaultPoint::StageAfter(1),
+            FaultPoint::Verify,
+            FaultPoint::Flip,
+        ] {
+            let mut st = MemStore::new(100);
+            let (mut cur, _) = Committed::adopt(&mut st).unwrap();
+            commit(
+                &mut st,
+                &mut cur,
+                Changes {
+                    add: vec![(p("198.18.0.1/32"), 1)],
+                    remove: vec![],
+                },
+            )
+            .unwrap();
+            let before = (st.visible(), cur.clone());
+            st.fault = Some(fault);
+            let ch = Changes {
+                add: vec![(p("198.18.0.2/32"), 1), (p("198.18.9.0/24"), 1)],
+                remove: vec![p("198.18.0.1/32")],
+            };
+            assert!(commit(&mut st, &mut cur, ch).is_err(), "{fault:?}");
+            assert_eq!((st.visible(), cur.clone()), before, "{fault:?}");
+            assert_eq!(st.load().unwrap().leftovers, 0, "{fault:?} cleaned up");
+        }
+    }
+
+    #[test]
+    fn a_full_map_is_refused_before_anything_is_written() {
+        let mut st = MemStore::new(1);
+        let (mut cur, _) = Committed::adopt(&mut st).unwrap();
+        let ch = Changes {
+            add: vec![(p("198.18.0.1/32"), 1), (p("198.18.0.2/32"), 1)],
+            remove: vec![],
+        };
+        assert!(matches!(
+            commit(&mut st, &mut cur, ch),
+            Err(StoreError::MapFull { .. })
+        ));
+        assert_eq!(st.writes, 0);
+    }
+}

@@ -1,0 +1,435 @@
+//! firewall-ctl: the command line. See README.md for the exit codes.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use firewall_ctl::{
+    attach::{self, AttachError, Mode},
+    commit::{Committed, commit},
+    kernel::{KernelStore, LayoutError},
+    lock::CommitLock,
+    peers::{Changes, OPERATOR, PeerParseError, parse_peer},
+    status,
+    store::StoreError,
+    sys::{self, SysError},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "firewall-ctl",
+    version,
+    about = "XDP source-address firewall with a guarded allowlist controller"
+)]
+struct Cli {
+    /// Pin directory on bpffs holding the maps, programs and links.
+    #[arg(
+        long,
+        global = true,
+        env = "FIREWALL_PIN_DIR",
+        default_value = "/sys/fs/bpf/firewall"
+    )]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load, pin and attach the firewall to an interface (atomically replaces our own older program).
+    Attach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: Mode,
+        /// Replace another tool's XDP program on the interface.
+        #[arg(long)]
+        force: bool,
+        /// Capacity of each exact-peer map (IPv4 and IPv6), fixed when the pin directory is created.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+        max_peers: Option<u32>,
+    },
+    /// Detach from an interface: the only way the compiled-in overlay allowlist stops applying.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        /// Also remove the peer maps once no interface is left.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Interfaces, program, maps, committed generation, counters and the compiled-in overlay.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operator edits of the allowlist, committed through stage, verify and flip.
+    Peers {
+        #[command(subcommand)]
+        cmd: PeersCmd,
+    },
+    /// Per-interface verdict counters, and rates with --watch.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Print every SECS seconds with per-second rates.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        watch: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeersCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow sources: addresses or CIDRs (owned by the operator; the controller never removes them).
+    Add {
+        #[arg(required = true, num_args = 1..=4096)]
+        peers: Vec<String>,
+    },
+    /// Remove sources the operator added (or any entry, by exact address or CIDR).
+    Remove {
+        #[arg(required = true, num_args = 1..=4096)]
+        peers: Vec<String>,
+    },
+}
+
+/// Exit codes, documented in README.md.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const PRIVILEGE: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    pub const COMMIT_FAILED: u8 = 6;
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for c in e.chain() {
+        if let Some(e) = c.downcast_ref::<SysError>() {
+            return match e {
+                SysError::NotPrivileged => exit::PRIVILEGE,
+                SysError::NoInterface(_) | SysError::NoBpffs(_) => exit::NOT_FOUND,
+            };
+        }
+        if c.downcast_ref::<PeerParseError>().is_some() {
+            return exit::USAGE;
+        }
+        if let Some(e) = c.downcast_ref::<LayoutError>() {
+            return match e {
+                LayoutError::NotAttached(_) => exit::NOT_FOUND,
+                _ => exit::REFUSED,
+            };
+        }
+        if let Some(e) = c.downcast_ref::<AttachError>() {
+            match e {
+                AttachError::Sys(SysError::NotPrivileged) => return exit::PRIVILEGE,
+                AttachError::Sys(_) | AttachError::Layout(LayoutError::NotAttached(_)) => {
+                    return exit::NOT_FOUND;
+                }
+                AttachError::Layout(_) => return exit::REFUSED,
+                AttachError::Foreign { .. } | AttachError::Capacity { .. } => return exit::REFUSED,
+                AttachError::NotAttached { .. } => return exit::NOT_FOUND,
+                _ => {}
+            }
+        }
+        if c.downcast_ref::<StoreError>().is_some() {
+            return exit::COMMIT_FAILED;
+        }
+    }
+    exit::FAILURE
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A closed stdout (`| head`) is not an error.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let pin_dir = cli.pin_dir;
+    match cli.cmd {
+        Cmd::Attach {
+            iface,
+            mode,
+            force,
+            max_peers,
+        } => {
+            let r = attach::attach(&iface, mode, &pin_dir, force, max_peers)?;
+            if r.replaced {
+                println!(
+                    "replaced the firewall on {iface} atomically (program {}, link {}); peers kept",
+                    r.prog_id, r.link_id
+                );
+            } else {
+                println!(
+                    "attached the firewall to {iface} (program {}, link {}); pinned in {}",
+                    r.prog_id,
+                    r.link_id,
+                    pin_dir.display()
+                );
+            }
+        }
+        Cmd::Detach { iface, purge } => {
+            let purged = attach::detach(&iface, &pin_dir, purge)?;
+            println!(
+                "detached the firewall from {iface}{}",
+                if purged { "; peer maps removed" } else { "" }
+            );
+        }
+        Cmd::Status { json } => {
+            sys::check_privileges()?;
+            let st = status::status(&pin_dir)?;
+            if json {
+                return print_json(&st);
+            }
+            print_status(&st);
+        }
+        Cmd::Peers { cmd } => peers(&pin_dir, cmd)?,
+        Cmd::Stats { json, watch } => stats(&pin_dir, json, watch)?,
+    }
+    Ok(())
+}
+
+fn print_status(st: &status::Status) {
+    let d = &st.datapath;
+    println!("pin dir     {}", st.pin_dir.display());
+    println!(
+        "generation  {} committed{}",
+        d.committed_generation,
+        if d.staged_generation > d.committed_generation {
+            format!(", {} staged (not flipped)", d.staged_generation)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "peers       {} (checksum {}), live CIDR tries: {} v4 / {} v6, capacity {} per family",
+        d.peer_count, d.checksum, d.cidr4_live, d.cidr6_live, d.capacity_per_family
+    );
+    for m in &d.maps {
+        println!("  map {:<9} id {:<6} {}", m.name, m.id, m.path.display());
+    }
+    if st.interfaces.is_empty() {
+        println!("no interface attached");
+    }
+    for i in &st.interfaces {
+        println!(
+            "\ninterface {} (ifindex {}): {}",
+            i.iface,
+            i.ifindex.map_or("?".into(), |x| x.to_string()),
+            if i.attached {
+                format!("attached, mode {}", i.mode.as_deref().unwrap_or("?"))
+            } else {
+                "NOT attached".into()
+            }
+        );
+        println!(
+            "  program id {} tag {}  link id {}",
+            i.prog_id.map_or("?".into(), |x| x.to_string()),
+            i.prog_tag.as_deref().unwrap_or("?"),
+            i.link_id.map_or("?".into(), |x| x.to_string())
+        );
+        if let Some(m) = &i.counters_map {
+            println!("  map {:<9} id {:<6} {}", m.name, m.id, m.path.display());
+        }
+        let c = &i.counters;
+        println!(
+            "  counters   overlay {}  peer {}  nonip {}  neighbour {}  default_drop {}  malformed {}",
+            c.overlay, c.peer, c.nonip, c.neighbour, c.default_drop, c.malformed
+        );
+        println!(
+            "  overlay allowlist compiled into the loaded program ({} rules):",
+            i.overlay.len()
+        );
+        for r in &i.overlay {
+            let mut s = format!("    {:<20} {}", r.cidr, r.proto);
+            if let Some(p) = r.dport {
+                s += &format!(" dport {p}");
+            }
+            if let Some(p) = r.sport {
+                s += &format!(" sport {p}");
+            }
+            println!("{s}");
+        }
+        if let Some(p) = &i.problem {
+            println!("  problem: {p}");
+        }
+    }
+}
+
+fn peers(pin_dir: &std::path::Path, cmd: PeersCmd) -> anyhow::Result<()> {
+    sys::check_privileges()?;
+    match cmd {
+        PeersCmd::List { json } => {
+            let store = KernelStore::open(pin_dir)?;
+            let rows = store.list()?;
+            if json {
+                return print_json(&rows);
+            }
+            println!("{:<44} {:<9} {:>12}", "PEER", "ORIGIN", "HITS");
+            for r in rows {
+                let origin = match r.origin {
+                    firewall_ctl::peers::OPERATOR => "operator",
+                    firewall_ctl::peers::DISCOVERY => "discovery",
+                    _ => "?",
+                };
+                println!(
+                    "{:<44} {:<9} {:>12}",
+                    r.peer.to_string(),
+                    origin,
+                    r.hits.map_or("-".into(), |h| h.to_string())
+                );
+            }
+        }
+        PeersCmd::Add { peers } => edit(pin_dir, &peers, true)?,
+        PeersCmd::Remove { peers } => edit(pin_dir, &peers, false)?,
+    }
+    Ok(())
+}
+
+fn edit(pin_dir: &std::path::Path, input: &[String], add: bool) -> anyhow::Result<()> {
+    // Validate everything before touching the kernel: one bad argument changes nothing.
+    let nets = input
+        .iter()
+        .map(|s| parse_peer(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let _lock = CommitLock::acquire(pin_dir).context("taking the commit lock")?;
+    let mut store = KernelStore::open(pin_dir)?;
+    let (mut current, cleaned) = Committed::adopt(&mut store)?;
+    if cleaned > 0 {
+        eprintln!("cleaned {cleaned} entries a crashed commit had left staged");
+    }
+    let changes = if add {
+        Changes {
+            add: nets.iter().map(|n| (*n, OPERATOR)).collect(),
+            remove: vec![],
+        }
+    } else {
+        let missing: Vec<String> = nets
+            .iter()
+            .filter(|n| !current.set.contains_key(n))
+            .map(|n| n.to_string())
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "not in the allowlist, nothing to remove: {}",
+                missing.join(", ")
+            );
+        }
+        Changes {
+            add: vec![],
+            remove: nets,
+        }
+    };
+    match commit(&mut store, &mut current, changes)? {
+        None => println!(
+            "no change (generation {} stays committed)",
+            current.generation
+        ),
+        Some(r) => {
+            println!(
+                "committed generation {}: {} added, {} removed; {} peers",
+                r.generation,
+                r.added.len(),
+                r.removed.len(),
+                current.set.len()
+            );
+            if let Some(e) = r.gc_error {
+                eprintln!(
+                    "warning: collecting removed entries failed ({e}); they are invisible and the next commit removes them"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stats(pin_dir: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    sys::check_privileges()?;
+    let read = || -> Vec<(String, status::CountersView)> {
+        status::interfaces(pin_dir)
+            .into_iter()
+            .map(|i| {
+                let c = status::read_counters(
+                    &attach::iface_dir(pin_dir, &i).join(firewall_common::names::COUNTERS),
+                )
+                .unwrap_or_default();
+                (i, c.into())
+            })
+            .collect()
+    };
+    let mut prev = read();
+    if prev.is_empty() {
+        anyhow::bail!(
+            "no interface is attached through {}: run `firewall-ctl attach --iface IF`",
+            pin_dir.display()
+        );
+    }
+    let Some(secs) = watch else {
+        if json {
+            let m: serde_json::Map<String, serde_json::Value> = prev
+                .iter()
+                .map(|(i, c)| (i.clone(), serde_json::to_value(c).unwrap()))
+                .collect();
+            return print_json(&m);
+        }
+        for (i, c) in &prev {
+            println!(
+                "{i}: overlay {} peer {} nonip {} neighbour {} default_drop {} malformed {}",
+                c.overlay, c.peer, c.nonip, c.neighbour, c.default_drop, c.malformed
+            );
+        }
+        return Ok(());
+    };
+    loop {
+        std::thread::sleep(Duration::from_secs(secs));
+        let now = read();
+        for ((i, c), (_, p)) in now.iter().zip(prev.iter()) {
+            let r = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs as f64;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"iface": i, "counters": c, "pps": {
+                    "overlay": r(c.overlay, p.overlay), "peer": r(c.peer, p.peer), "nonip": r(c.nonip, p.nonip),
+                    "neighbour": r(c.neighbour, p.neighbour), "default_drop": r(c.default_drop, p.default_drop), "malformed": r(c.malformed, p.malformed)}})
+                );
+            } else {
+                println!(
+                    "{i}: pass/s overlay {:.0} peer {:.0} nonip {:.0} neighbour {:.0} | drop/s default {:.0} malformed {:.0}",
+                    r(c.overlay, p.overlay),
+                    r(c.peer, p.peer),
+                    r(c.nonip, p.nonip),
+                    r(c.neighbour, p.neighbour),
+                    r(c.default_drop, p.default_drop),
+                    r(c.malformed, p.malformed)
+                );
+            }
+        }
+        prev = now;
+    }
+}

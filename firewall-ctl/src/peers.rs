@@ -1,0 +1,189 @@
+//! Peer sets, their digests, and parsing of operator input.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+
+/// Who owns an entry (see `firewall_common::origin`).
+pub type Origin = u32;
+pub use firewall_common::origin::{DISCOVERY, OPERATOR};
+
+/// A peer set: exact hosts (/32, /128) and CIDRs, each with its origin.
+/// A BTreeMap so every iteration is deterministic (the simulator relies on it).
+pub type PeerSet = BTreeMap<IpNet, Origin>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerParseError {
+    #[error(
+        "`{0}` is not an IP address or CIDR: write e.g. 198.18.0.7, 2001:2::7 or 198.18.4.0/24"
+    )]
+    Invalid(String),
+    #[error("`{input}` has host bits set: did you mean {suggest}?")]
+    HostBits { input: String, suggest: IpNet },
+}
+
+/// Parse `ADDR` or `ADDR/LEN`. Host bits must be clear, so a typo like
+/// 198.18.0.7/24 is caught rather than silently widened.
+pub fn parse_peer(s: &str) -> Result<IpNet, PeerParseError> {
+    let s = s.trim();
+    let net = if s.contains('/') {
+        s.parse::<IpNet>()
+            .map_err(|_| PeerParseError::Invalid(s.to_string()))?
+    } else {
+        IpNet::from(
+            s.parse::<IpAddr>()
+                .map_err(|_| PeerParseError::Invalid(s.to_string()))?,
+        )
+    };
+    if net.trunc() != net {
+        return Err(PeerParseError::HostBits {
+            input: s.to_string(),
+            suggest: net.trunc(),
+        });
+    }
+    Ok(net)
+}
+
+pub fn is_exact(n: &IpNet) -> bool {
+    n.prefix_len() == n.max_prefix_len()
+}
+
+/// An order-independent summary of a set: count and a wrapping sum of entry
+/// hashes. It can be updated per change (O(diff)) and recomputed from a full
+/// read-back, and the two must agree: that is the verify step.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Digest {
+    pub count: u64,
+    pub sum: u64,
+}
+
+/// Hash of one entry. A hand-written FNV-1a + splitmix64 finaliser: it must be
+/// stable across builds and processes (it is persisted and compared with what
+/// another process computed), which std's randomly seeded hashers are not.
+pub fn entry_hash(net: &IpNet, origin: Origin) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    match net.addr() {
+        IpAddr::V4(a) => a.octets().into_iter().for_each(&mut eat),
+        IpAddr::V6(a) => a.octets().into_iter().for_each(&mut eat),
+    }
+    eat(net.prefix_len());
+    origin.to_le_bytes().into_iter().for_each(&mut eat);
+    let mut z = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Digest {
+    pub fn of(set: &PeerSet) -> Digest {
+        let mut d = Digest::default();
+        for (n, o) in set {
+            d.add(n, *o);
+        }
+        d
+    }
+    pub fn add(&mut self, net: &IpNet, origin: Origin) {
+        self.count += 1;
+        self.sum = self.sum.wrapping_add(entry_hash(net, origin));
+    }
+    pub fn remove(&mut self, net: &IpNet, origin: Origin) {
+        self.count -= 1;
+        self.sum = self.sum.wrapping_sub(entry_hash(net, origin));
+    }
+}
+
+/// A change to the committed set. `add` also changes the origin of an entry
+/// that exists with another origin.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub add: Vec<(IpNet, Origin)>,
+    pub remove: Vec<IpNet>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+    /// The changes that turn `from` into `to`.
+    pub fn between(from: &PeerSet, to: &PeerSet) -> Changes {
+        let add = to
+            .iter()
+            .filter(|(n, o)| from.get(n) != Some(o))
+            .map(|(n, o)| (*n, *o))
+            .collect();
+        let remove = from
+            .keys()
+            .filter(|n| !to.contains_key(n))
+            .copied()
+            .collect();
+        Changes { add, remove }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse() {
+        assert_eq!(
+            parse_peer("198.18.0.7").unwrap().to_string(),
+            "198.18.0.7/32"
+        );
+        assert_eq!(
+            parse_peer("2001:2::/48").unwrap().to_string(),
+            "2001:2::/48"
+        );
+        assert!(matches!(
+            parse_peer("198.18.0.7/24"),
+            Err(PeerParseError::HostBits { .. })
+        ));
+        let e = parse_peer("198.18.0.7/24").unwrap_err().to_string();
+        assert!(e.contains("198.18.0.0/24"), "{e}");
+        assert!(matches!(
+            parse_peer("nope"),
+            Err(PeerParseError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_peer("1.2.3.4/33"),
+            Err(PeerParseError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn digest_is_order_independent_and_incremental() {
+        let a: PeerSet = [("198.18.0.1/32", 1), ("198.18.1.0/24", 2)]
+            .into_iter()
+            .map(|(n, o)| (n.parse().unwrap(), o))
+            .collect();
+        let mut d = Digest::default();
+        for (n, o) in a.iter().rev() {
+            d.add(n, *o);
+        }
+        assert_eq!(d, Digest::of(&a));
+        d.remove(&"198.18.0.1/32".parse().unwrap(), 1);
+        assert_eq!(d.count, 1);
+        // Origin is part of an entry's identity for verification.
+        assert_ne!(
+            entry_hash(&"198.18.0.1/32".parse().unwrap(), 1),
+            entry_hash(&"198.18.0.1/32".parse().unwrap(), 2)
+        );
+    }
+
+    #[test]
+    fn changes_between() {
+        let p = |s: &str| s.parse::<IpNet>().unwrap();
+        let from: PeerSet = [(p("198.18.0.1/32"), 1), (p("198.18.0.2/32"), 2)].into();
+        let to: PeerSet = [(p("198.18.0.2/32"), 1), (p("198.18.0.3/32"), 2)].into();
+        let c = Changes::between(&from, &to);
+        assert_eq!(
+            c.add,
+            vec![(p("198.18.0.2/32"), 1), (p("198.18.0.3/32"), 2)]
+        );
+        assert_eq!(c.remove, vec![p("198.18.0.1/32")]);
+    }
+}

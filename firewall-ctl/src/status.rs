@@ -1,0 +1,260 @@
+//! What `status`, `stats` and `peers list` print, gathered from the kernel:
+//! the pins, the loaded program and its maps, never from files on disk.
+
+use std::{
+    net::IpAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Map, MapData, MapInfo, PerCpuArray},
+    programs::ProgramInfo,
+};
+use firewall_common::{Counters, OVERLAY_MAGIC, OverlayRule, OverlayTable, names};
+use serde::Serialize;
+
+use crate::{attach::iface_dir, kernel::KernelStore, sys};
+
+#[derive(Debug, Serialize)]
+pub struct MapRef {
+    pub name: String,
+    pub id: u32,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SharedStatus {
+    pub committed_generation: u64,
+    pub staged_generation: u64,
+    pub peer_count: u64,
+    pub checksum: String,
+    pub cidr4_live: u32,
+    pub cidr6_live: u32,
+    pub capacity_per_family: u64,
+    pub maps: Vec<MapRef>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OverlayView {
+    pub cidr: String,
+    pub proto: String,
+    pub dport: Option<u16>,
+    pub sport: Option<u16>,
+}
+
+#[derive(Debug, Serialize, Default, Clone, Copy)]
+pub struct CountersView {
+    pub overlay: u64,
+    pub peer: u64,
+    pub nonip: u64,
+    pub neighbour: u64,
+    pub default_drop: u64,
+    pub malformed: u64,
+}
+
+impl From<Counters> for CountersView {
+    fn from(c: Counters) -> Self {
+        CountersView {
+            overlay: c.overlay,
+            peer: c.peer,
+            nonip: c.nonip,
+            neighbour: c.neighbour,
+            default_drop: c.default_drop,
+            malformed: c.malformed,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct IfaceStatus {
+    pub iface: String,
+    pub ifindex: Option<u32>,
+    pub mode: Option<String>,
+    pub attached: bool,
+    pub link_id: Option<u32>,
+    pub prog_id: Option<u32>,
+    pub prog_tag: Option<String>,
+    pub counters_map: Option<MapRef>,
+    pub counters: CountersView,
+    pub overlay: Vec<OverlayView>,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub datapath: SharedStatus,
+    pub interfaces: Vec<IfaceStatus>,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        0 => "any".into(),
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}
+
+pub fn overlay_view(r: &OverlayRule) -> OverlayView {
+    let addr: IpAddr = if r.family == 4 {
+        IpAddr::from(<[u8; 4]>::try_from(&r.addr[..4]).unwrap())
+    } else {
+        IpAddr::from(r.addr)
+    };
+    OverlayView {
+        cidr: format!("{addr}/{}", r.prefix_len),
+        proto: proto_name(r.proto),
+        dport: (r.dport != 0).then_some(r.dport),
+        sport: (r.sport != 0).then_some(r.sport),
+    }
+}
+
+/// The overlay table of a loaded program, found through its map ids: the
+/// `.rodata` map holding [`OVERLAY_MAGIC`].
+pub fn overlay_of(prog: &ProgramInfo) -> std::io::Result<Vec<OverlayRule>> {
+    let ids = prog
+        .map_ids()
+        .map_err(std::io::Error::other)?
+        .unwrap_or_default();
+    for id in ids {
+        let Ok(info) = MapInfo::from_id(id) else {
+            continue;
+        };
+        if !info.name_as_str().is_some_and(|n| n.starts_with(".rodata")) {
+            continue;
+        }
+        let data = MapData::from_id(id).map_err(std::io::Error::other)?;
+        let bytes = sys::lookup_raw(data.fd().as_fd(), 0, info.value_size() as usize)?;
+        if let Some(off) = bytes.windows(8).position(|w| w == OVERLAY_MAGIC) {
+            if off + std::mem::size_of::<OverlayTable>() <= bytes.len() {
+                // SAFETY: bounds checked; OverlayTable is plain integers.
+                let t: OverlayTable =
+                    unsafe { std::ptr::read_unaligned(bytes[off..].as_ptr().cast()) };
+                return Ok(t.rules[..(t.count as usize).min(t.rules.len())].to_vec());
+            }
+        }
+    }
+    Err(std::io::Error::other(
+        "the loaded program carries no overlay table",
+    ))
+}
+
+pub fn read_counters(path: &Path) -> std::io::Result<Counters> {
+    let map = Map::from_map_data(MapData::from_pin(path).map_err(std::io::Error::other)?)
+        .map_err(std::io::Error::other)?;
+    let arr: PerCpuArray<_, Counters> = map.try_into().map_err(std::io::Error::other)?;
+    let per_cpu = arr.get(&0, 0).map_err(std::io::Error::other)?;
+    let mut total = Counters::default();
+    for c in per_cpu.iter() {
+        total.add(c);
+    }
+    Ok(total)
+}
+
+pub fn interfaces(pin_dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(pin_dir.join("ifaces"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+pub fn iface_status(pin_dir: &Path, iface: &str) -> IfaceStatus {
+    let dir = iface_dir(pin_dir, iface);
+    let mut st = IfaceStatus {
+        iface: iface.into(),
+        ifindex: sys::ifindex(iface).ok(),
+        mode: None,
+        attached: false,
+        link_id: None,
+        prog_id: None,
+        prog_tag: None,
+        counters_map: None,
+        counters: CountersView::default(),
+        overlay: Vec::new(),
+        problem: None,
+    };
+    match aya::programs::links::PinnedLink::from_pin(dir.join("link")) {
+        Ok(l) => {
+            let fd: aya::programs::links::FdLink = l.into();
+            if let Ok(info) = fd.info() {
+                if let Ok((_, id, prog_id, ifindex)) = sys::link_info_by_id(info.id()) {
+                    st.link_id = Some(id);
+                    st.attached = ifindex != 0 && Some(ifindex) == st.ifindex;
+                    if !st.attached {
+                        st.problem = Some("the link is pinned but no longer attached (interface gone?): run `firewall-ctl attach` again".into());
+                    }
+                    let _ = prog_id;
+                }
+            }
+        }
+        Err(e) => st.problem = Some(format!("no link pin: {e}")),
+    }
+    if let Some((mode, _)) = sys::xdp_state(iface) {
+        st.mode = Some(mode);
+    }
+    match ProgramInfo::from_pin(dir.join("prog")) {
+        Ok(p) => {
+            st.prog_id = Some(p.id());
+            st.prog_tag = Some(format!("{:016x}", p.tag()));
+            match overlay_of(&p) {
+                Ok(rules) => st.overlay = rules.iter().map(overlay_view).collect(),
+                Err(e) => st.problem = Some(e.to_string()),
+            }
+        }
+        Err(e) => st.problem = Some(format!("no program pin: {e}")),
+    }
+    let cpath = dir.join(names::COUNTERS);
+    if let Ok(info) = MapInfo::from_pin(&cpath) {
+        st.counters_map = Some(MapRef {
+            name: names::COUNTERS.into(),
+            id: info.id(),
+            path: cpath.clone(),
+        });
+    }
+    if let Ok(c) = read_counters(&cpath) {
+        st.counters = c.into();
+    }
+    st
+}
+
+pub fn status(pin_dir: &Path) -> Result<Status, crate::kernel::LayoutError> {
+    let store = KernelStore::open(pin_dir)?;
+    let c = store.control();
+    let live = (c.committed_gen & 1) as usize;
+    let maps = names::SHARED
+        .iter()
+        .map(|n| MapRef {
+            name: n.to_string(),
+            id: MapInfo::from_pin(pin_dir.join(n))
+                .map(|i| i.id())
+                .unwrap_or(0),
+            path: pin_dir.join(n),
+        })
+        .collect();
+    Ok(Status {
+        pin_dir: pin_dir.into(),
+        datapath: SharedStatus {
+            committed_generation: c.committed_gen,
+            staged_generation: c.staged_gen,
+            peer_count: c.peer_count,
+            checksum: format!("{:016x}", c.checksum),
+            cidr4_live: c.cidr4_count[live],
+            cidr6_live: c.cidr6_count[live],
+            capacity_per_family: store.capacity()[0],
+            maps,
+        },
+        interfaces: interfaces(pin_dir)
+            .iter()
+            .map(|i| iface_status(pin_dir, i))
+            .collect(),
+    })
+}

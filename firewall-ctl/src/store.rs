@@ -1,0 +1,310 @@
+//! Where committed generations live: the pinned kernel maps in production
+//! ([`crate::kernel::KernelStore`]), or [`MemStore`], an in-memory model of the
+//! same maps with fault injection for the simulator and unit tests.
+//!
+//! Both follow the same protocol, and [`crate::commit`] is the only code that
+//! drives it: `stage` (entries for generation G+1, invisible at G), `verify`
+//! (read back), `flip` (one write makes G+1 visible), `gc` (drop what G+1
+//! removed). A crash anywhere before the flip leaves generation G in force;
+//! `cleanup` removes the half-staged leftovers.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+
+use crate::peers::{Changes, Digest, Origin, PeerSet, is_exact};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "map `{map}` is full: the commit needs {needed} entries but it holds {capacity}; nothing was committed. Re-attach with a larger `--max-peers`, or shrink the peer set"
+    )]
+    MapFull {
+        map: &'static str,
+        capacity: u64,
+        needed: u64,
+    },
+    #[error("{op} on map `{map}` failed")]
+    Io {
+        op: &'static str,
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("verification of generation {generation} failed: {what}; nothing was committed")]
+    Verify { generation: u64, what: String },
+    #[error(
+        "the datapath state is not what this commit started from (committed generation is {found}, expected {expected}); another writer is active, retry"
+    )]
+    Conflict { expected: u64, found: u64 },
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
+}
+
+/// What a store holds right now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    pub generation: u64,
+    /// Entries visible at `generation`.
+    pub set: PeerSet,
+    /// Entries that a crashed commit left behind: staged but never flipped, or
+    /// removed but not yet collected. `cleanup` deals with them.
+    pub leftovers: u64,
+}
+
+pub trait PeerStore {
+    /// Read the committed generation and its set.
+    fn load(&mut self) -> Result<Loaded, StoreError>;
+    /// Remove half-staged entries and collect removed ones, keeping exactly what
+    /// the committed generation shows. Returns the number of entries touched.
+    fn cleanup(&mut self) -> Result<u64, StoreError>;
+    /// Write generation `generation`: `changes` to the exact entries, and the
+    /// whole CIDR set `cidrs` into the standby CIDR slot. Nothing becomes visible.
+    fn stage(
+        &mut self,
+        generation: u64,
+        changes: &Changes,
+        cidrs: &PeerSet,
+    ) -> Result<(), StoreError>;
+    /// Read back what `stage` wrote and check it against `changes`/`cidrs` and
+    /// the expected digest of the whole generation.
+    fn verify(
+        &mut self,
+        generation: u64,
+        changes: &Changes,
+        cidrs: &PeerSet,
+        expected: Digest,
+    ) -> Result<(), StoreError>;
+    /// Make `generation` the committed one with a single write.
+    fn flip(&mut self, generation: u64, digest: Digest) -> Result<(), StoreError>;
+    /// Delete the entries `generation` removed.
+    fn gc(&mut self, generation: u64, removed: &[IpNet]) -> Result<(), StoreError>;
+}
+
+/// One exact entry of the in-memory model, as the kernel map holds it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct MemEntry {
+    pub added: u64,
+    pub removed: u64,
+    pub origin: Origin,
+}
+
+/// Operations a [`MemStore`] can be told to fail.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Fail after this many entry writes within `stage` (a partial stage).
+    StageAfter(usize),
+    Verify,
+    Flip,
+    Gc,
+}
+
+/// An in-memory model of the pinned maps. Writes happen one entry at a time,
+/// so an injected fault in the middle of `stage` leaves a partial stage behind,
+/// as a real crash would.
+#[derive(Clone, Debug, Default)]
+pub struct MemStore {
+    pub committed: u64,
+    pub exact: BTreeMap<IpNet, MemEntry>,
+    /// CIDR slots; `committed & 1` is live.
+    pub cidr_slots: [PeerSet; 2],
+    pub capacity: usize,
+    pub fault: Option<FaultPoint>,
+    /// Counts every write, for tests that want to see that nothing was touched.
+    pub writes: u64,
+}
+
+const NEVER: u64 = firewall_common::GEN_NEVER;
+
+impl MemStore {
+    pub fn new(capacity: usize) -> Self {
+        MemStore {
+            capacity,
+            ..Default::default()
+        }
+    }
+
+    /// What a packet sees right now: the datapath's view.
+    pub fn visible(&self) -> PeerSet {
+        let mut out: PeerSet = self
+            .exact
+            .iter()
+            .filter(|(_, e)| e.added <= self.committed && self.committed < e.removed)
+            .map(|(n, e)| (*n, e.origin))
+            .collect();
+        out.extend(
+            self.cidr_slots[(self.committed & 1) as usize]
+                .iter()
+                .map(|(n, o)| (*n, *o)),
+        );
+        out
+    }
+
+    fn take_fault(&mut self, p: FaultPoint) -> Result<(), StoreError> {
+        if self.fault == Some(p) {
+            self.fault = None;
+            return Err(StoreError::Injected(match p {
+                FaultPoint::StageAfter(_) => "stage",
+                FaultPoint::Verify => "verify",
+                FaultPoint::Flip => "flip",
+                FaultPoint::Gc => "gc",
+            }));
+        }
+        Ok(())
+    }
+}
+
+impl PeerStore for MemStore {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        let c = self.committed;
+        let leftovers = self
+            .exact
+            .values()
+            .filter(|e| e.added > c || (e.removed != NEVER && e.removed > c) || e.removed <= c)
+            .count() as u64;
+        Ok(Loaded {
+            generation: c,
+            set: self.visible(),
+            leftovers,
+        })
+    }
+
+    fn cleanup(&mut self) -> Result<u64, StoreError> {
+        let c = self.committed;
+        let mut touched = 0;
+        self.exact.retain(|_, e| {
+            let keep = e.added <= c && c < e.removed;
+            if !keep {
+                touched += 1;
+            }
+            keep
+        });
+        for e in self.exact.values_mut() {
+            if e.removed != NEVER {
+                e.removed = NEVER;
+                touched += 1;
+            }
+        }
+        self.writes += touched;
+        Ok(touched)
+    }
+
+    fn stage(
+        &mut self,
+        generation: u64,
+        changes: &Changes,
+        cidrs: &PeerSet,
+    ) -> Result<(), StoreError> {
+        let new_keys = changes
+            .add
+            .iter()
+            .filter(|(n, _)| is_exact(n) && !self.exact.contains_key(n))
+            .count();
+        if self.exact.len() + new_keys > self.capacity {
+            return Err(StoreError::MapFull {
+                map: "PEERS",
+                capacity: self.capacity as u64,
+                needed: (self.exact.len() + new_keys) as u64,
+            });
+        }
+        let budget = match self.fault {
+            Some(FaultPoint::StageAfter(n)) => Some(n),
+            _ => None,
+        };
+        let mut written = 0usize;
+        let mut tick = |s: &mut Self| -> Result<(), StoreError> {
+            if budget == Some(written) {
+                s.fault = None;
+                return Err(StoreError::Injected("stage"));
+            }
+            written += 1;
+            s.writes += 1;
+            Ok(())
+        };
+        for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
+            tick(self)?;
+            self.exact.insert(
+                *n,
+                MemEntry {
+                    added: generation,
+                    removed: NEVER,
+                    origin: *o,
+                },
+            );
+        }
+        for n in changes.remove.iter().filter(|n| is_exact(n)) {
+            tick(self)?;
+            if let Some(e) = self.exact.get_mut(n) {
+                e.removed = generation;
+            }
+        }
+        let slot = (generation & 1) as usize;
+        tick(self)?;
+        self.cidr_slots[slot] = cidrs.clone();
+        Ok(())
+    }
+
+    fn verify(
+        &mut self,
+        generation: u64,
+        changes: &Changes,
+        cidrs: &PeerSet,
+        expected: Digest,
+    ) -> Result<(), StoreError> {
+        self.take_fault(FaultPoint::Verify)?;
+        let fail = |what: String| Err(StoreError::Verify { generation, what });
+        for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
+            match self.exact.get(n) {
+                Some(e) if e.added == generation && e.removed == NEVER && e.origin == *o => {}
+                other => return fail(format!("{n} reads back as {other:?}")),
+            }
+        }
+        for n in changes.remove.iter().filter(|n| is_exact(n)) {
+            if let Some(e) = self.exact.get(n) {
+                if e.removed != generation {
+                    return fail(format!("{n} is not marked removed"));
+                }
+            }
+        }
+        if &self.cidr_slots[(generation & 1) as usize] != cidrs {
+            return fail("CIDR slot differs".into());
+        }
+        let mut d = Digest::default();
+        for (n, e) in &self.exact {
+            if e.added <= generation && generation < e.removed {
+                d.add(n, e.origin);
+            }
+        }
+        for (n, o) in cidrs {
+            d.add(n, *o);
+        }
+        if d != expected {
+            return fail(format!("digest {d:?}, expected {expected:?}"));
+        }
+        Ok(())
+    }
+
+    fn flip(&mut self, generation: u64, _digest: Digest) -> Result<(), StoreError> {
+        self.take_fault(FaultPoint::Flip)?;
+        if generation != self.committed + 1 {
+            return Err(StoreError::Conflict {
+                expected: generation - 1,
+                found: self.committed,
+            });
+        }
+        self.committed = generation;
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn gc(&mut self, generation: u64, removed: &[IpNet]) -> Result<(), StoreError> {
+        self.take_fault(FaultPoint::Gc)?;
+        for n in removed {
+            if self.exact.get(n).is_some_and(|e| e.removed <= generation) {
+                self.exact.remove(n);
+                self.writes += 1;
+            }
+        }
+        Ok(())
+    }
+}
