@@ -6,6 +6,7 @@ pub mod batch;
 pub mod commit;
 pub mod kernel;
 pub mod lock;
+pub mod packet;
 pub mod peers;
 pub mod status;
 pub mod store;

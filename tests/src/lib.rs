@@ -1,1 +1,469 @@
+//! Helpers for the kernel tests: privilege gating, uniquely named network
+//! namespaces and pin directories that clean up on Drop (even when a test
+//! panics), traffic generators that run inside a namespace, and a
+//! BPF_PROG_TEST_RUN harness over a fresh, unpinned copy of the program.
 
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRunOptions,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::{TestRun as _, Xdp},
+};
+use firewall_common::{CidrVal, Control, Counters, PeerV4Key, PeerV6Key, PeerVal, Reason};
+
+/// True if kernel tests can run here. Otherwise: under CI (`CI=true`) the
+/// test fails, elsewhere it prints why it is skipped and returns false.
+pub fn kernel_available(test: &str) -> bool {
+    let why = if firewall_ctl::EBPF_OBJ.is_empty() {
+        Some("firewall-ctl was built without the XDP object (AYA_BUILD_SKIP=1)".to_string())
+    } else if firewall_ctl::sys::check_privileges().is_err() {
+        Some("not root (needs CAP_BPF and CAP_NET_ADMIN)".to_string())
+    } else if firewall_ctl::sys::check_bpffs(Path::new("/sys/fs/bpf")).is_err() {
+        Some("/sys/fs/bpf is not a bpffs mount (run `cargo xtask setup`)".to_string())
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(w) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: cannot run under CI: {w}")
+        }
+        Some(w) => {
+            eprintln!("SKIPPED {test}: {w}");
+            false
+        }
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `<tag>-<pid>-<n>`.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "{tag}{}-{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh")
+}
+
+#[track_caller]
+pub fn sh_ok(cmd: &str) -> String {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A network namespace, deleted on Drop (which also deletes its veths).
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    pub fn new(tag: &str) -> Ns {
+        let name = unique(tag);
+        sh_ok(&format!("ip netns add {name}"));
+        let ns = Ns { name };
+        ns.sh_ok("ip link set lo up");
+        ns
+    }
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+    /// Run a shell command inside. `nsenter --net` changes only the network
+    /// namespace: `ip netns exec` would remount /sys and hide our pins.
+    pub fn sh(&self, cmd: &str) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.path().display()))
+            .args(["sh", "-c", cmd])
+            .output()
+            .expect("spawn nsenter")
+    }
+    #[track_caller]
+    pub fn sh_ok(&self, cmd: &str) -> String {
+        let o = self.sh(cmd);
+        assert!(
+            o.status.success(),
+            "in {}: `{cmd}` failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+    /// Run `f` on a thread that has entered this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open netns");
+            // SAFETY: setns on this fresh thread only.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+    pub fn ping(&self, src: IpAddr, dst: IpAddr) -> bool {
+        self.sh(&format!("ping -q -c1 -W1 -I {src} {dst}"))
+            .status
+            .success()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip netns del {}", self.name));
+    }
+}
+
+/// A pin directory on bpffs, unique per test; on Drop every link in it is
+/// unpinned (detaching the program) and the directory removed.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> PinDir {
+        PinDir {
+            path: PathBuf::from(format!("/sys/fs/bpf/{}", unique("fwt"))),
+        }
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = sh(&format!("rm -rf {}", self.path.display()));
+    }
+}
+
+/// The firewall-ctl binary next to this test binary (target/<profile>/).
+pub fn fwctl_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FIREWALL_CTL") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("firewall-ctl");
+    assert!(
+        p.exists(),
+        "{} not built: run the tests through `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// Run firewall-ctl inside `ns` with `--pin-dir`.
+pub fn fwctl(ns: &Ns, pins: &PinDir, args: &str) -> Output {
+    ns.sh(&format!(
+        "{} --pin-dir {} {args}",
+        fwctl_bin().display(),
+        pins.path.display()
+    ))
+}
+
+#[track_caller]
+pub fn fwctl_ok(ns: &Ns, pins: &PinDir, args: &str) -> String {
+    let o = fwctl(ns, pins, args);
+    assert!(
+        o.status.success(),
+        "firewall-ctl {args}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Two namespaces joined by a veth pair. `a` is the protected host (addresses
+/// 198.18.N.1 and 2001:2:0:N::1), `b` the peers (198.18.N.2..=.9, 2001:2:0:N::2..=9).
+pub struct Pair {
+    pub a: Ns,
+    pub b: Ns,
+    pub a_if: String,
+    pub b_if: String,
+    pub net: u8,
+}
+
+impl Pair {
+    pub fn new(net: u8) -> Pair {
+        let (a, b) = (Ns::new("fwa"), Ns::new("fwb"));
+        let a_if = unique("va");
+        let b_if = unique("vb");
+        sh_ok(&format!(
+            "ip link add {a_if} netns {} type veth peer name {b_if} netns {}",
+            a.name, b.name
+        ));
+        a.sh_ok(&format!("ip addr add 198.18.{net}.1/24 dev {a_if} && ip -6 addr add 2001:2:0:{net}::1/64 dev {a_if} nodad && ip link set {a_if} up"));
+        let mut cmds = vec![];
+        for h in 2..=9 {
+            cmds.push(format!("ip addr add 198.18.{net}.{h}/24 dev {b_if} && ip -6 addr add 2001:2:0:{net}::{h}/64 dev {b_if} nodad"));
+        }
+        b.sh_ok(&format!("{} && ip link set {b_if} up", cmds.join(" && ")));
+        Pair {
+            a,
+            b,
+            a_if,
+            b_if,
+            net,
+        }
+    }
+    pub fn a4(&self) -> IpAddr {
+        format!("198.18.{}.1", self.net).parse().unwrap()
+    }
+    pub fn a6(&self) -> IpAddr {
+        format!("2001:2:0:{}::1", self.net).parse().unwrap()
+    }
+    pub fn b4(&self, h: u8) -> IpAddr {
+        format!("198.18.{}.{h}", self.net).parse().unwrap()
+    }
+    pub fn b6(&self, h: u8) -> IpAddr {
+        format!("2001:2:0:{}::{h}", self.net).parse().unwrap()
+    }
+}
+
+/// Send `n` UDP datagrams from `src` (in `from`) to `dst:port` (in `to`) and
+/// count how many arrive.
+pub fn udp_delivered(from: &Ns, src: IpAddr, to: &Ns, dst: IpAddr, port: u16, n: u32) -> u32 {
+    let rx = to.run(move || UdpSocket::bind(SocketAddr::new(dst, port)).expect("bind receiver"));
+    rx.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    from.run(move || {
+        let tx = UdpSocket::bind(SocketAddr::new(src, 0)).expect("bind sender");
+        for i in 0..n {
+            let _ = tx.send_to(&i.to_be_bytes(), SocketAddr::new(dst, port));
+        }
+    });
+    let mut got = 0;
+    let mut buf = [0u8; 64];
+    while rx.recv_from(&mut buf).is_ok() {
+        got += 1;
+    }
+    got
+}
+
+/// Does a TCP connection from `src` to `dst:port` complete?
+pub fn tcp_connects(from: &Ns, src: IpAddr, to: &Ns, dst: IpAddr, port: u16) -> bool {
+    let l = to.run(move || TcpListener::bind(SocketAddr::new(dst, port)).expect("bind listener"));
+    from.run(move || {
+        let sock = match src {
+            IpAddr::V4(_) => socket2_connect(src, SocketAddr::new(dst, port)),
+            IpAddr::V6(_) => socket2_connect(src, SocketAddr::new(dst, port)),
+        };
+        drop(l);
+        sock
+    })
+}
+
+fn socket2_connect(src: IpAddr, dst: SocketAddr) -> bool {
+    // std cannot bind a TCP client to a source address; a blocking connect with
+    // a short timeout from a bound raw fd does it in a few lines of libc.
+    let domain = if src.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on an fd we own and close.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
+        let (sa, len) = sockaddr(SocketAddr::new(src, 0));
+        if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) != 0 {
+            libc::close(fd);
+            return false;
+        }
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        let (da, dlen) = sockaddr(dst);
+        let ok = libc::connect(fd, &da as *const _ as *const libc::sockaddr, dlen) == 0;
+        libc::close(fd);
+        ok
+    }
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the family's fields.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v) => {
+            let s = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+            s.sin_family = libc::AF_INET as u16;
+            s.sin_port = v.port().to_be();
+            s.sin_addr.s_addr = u32::from_ne_bytes(v.ip().octets());
+            (ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v) => {
+            let s = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+            s.sin6_family = libc::AF_INET6 as u16;
+            s.sin6_port = v.port().to_be();
+            s.sin6_addr.s6_addr = v.ip().octets();
+            (ss, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+/// A fresh, unpinned copy of the program with its own maps, for TEST_RUN.
+pub struct Harness {
+    pub ebpf: Ebpf,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        let mut ebpf = EbpfLoader::new()
+            .load(firewall_ctl::EBPF_OBJ)
+            .expect("load object");
+        let p: &mut Xdp = ebpf.program_mut("firewall").unwrap().try_into().unwrap();
+        p.load().expect("verifier accepts the program");
+        Harness { ebpf }
+    }
+    pub fn prog(&self) -> &Xdp {
+        self.ebpf.program("firewall").unwrap().try_into().unwrap()
+    }
+    pub fn set_generation(&mut self, generation: u64, cidr4: [u32; 2], cidr6: [u32; 2]) {
+        let mut m: Array<_, Control> = self.ebpf.map_mut("CTRL").unwrap().try_into().unwrap();
+        m.set(
+            0,
+            Control {
+                committed_gen: generation,
+                cidr4_count: cidr4,
+                cidr6_count: cidr6,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    }
+    pub fn add_exact(&mut self, addr: IpAddr, added: u64, removed: u64) {
+        let v = PeerVal {
+            added_gen: added,
+            removed_gen: removed,
+            hits: 0,
+            origin: 1,
+            _pad: 0,
+        };
+        match addr {
+            IpAddr::V4(a) => {
+                let mut m: HashMap<_, PeerV4Key, PeerVal> =
+                    self.ebpf.map_mut("PEERS_V4").unwrap().try_into().unwrap();
+                m.insert(PeerV4Key { addr: a.octets() }, v, 0).unwrap();
+            }
+            IpAddr::V6(a) => {
+                let mut m: HashMap<_, PeerV6Key, PeerVal> =
+                    self.ebpf.map_mut("PEERS_V6").unwrap().try_into().unwrap();
+                m.insert(PeerV6Key { addr: a.octets() }, v, 0).unwrap();
+            }
+        }
+    }
+    pub fn add_cidr(&mut self, slot: usize, net: ipnet::IpNet) {
+        let v = CidrVal { origin: 1, _pad: 0 };
+        match net {
+            ipnet::IpNet::V4(n) => {
+                let mut m: LpmTrie<_, [u8; 4], CidrVal> = self
+                    .ebpf
+                    .map_mut(["CIDR4_0", "CIDR4_1"][slot])
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                m.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), v, 0)
+                    .unwrap();
+            }
+            ipnet::IpNet::V6(n) => {
+                let mut m: LpmTrie<_, [u8; 16], CidrVal> = self
+                    .ebpf
+                    .map_mut(["CIDR6_0", "CIDR6_1"][slot])
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                m.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), v, 0)
+                    .unwrap();
+            }
+        }
+    }
+    pub fn counters(&self) -> Counters {
+        let m: PerCpuArray<_, Counters> = self.ebpf.map("COUNTERS").unwrap().try_into().unwrap();
+        let mut t = Counters::default();
+        for c in m.get(&0, 0).unwrap().iter() {
+            t.add(c);
+        }
+        t
+    }
+    /// Run one frame: (XDP action, the reason whose counter moved).
+    pub fn run(&self, pkt: &[u8]) -> (u32, Reason) {
+        let before = self.counters();
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = self
+            .prog()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test_run");
+        let after = self.counters();
+        let moved: Vec<Reason> = Reason::ALL
+            .into_iter()
+            .filter(|r| after.get(*r) != before.get(*r))
+            .collect();
+        assert_eq!(
+            moved.len(),
+            1,
+            "exactly one counter moves per packet, got {moved:?}"
+        );
+        (r.return_value, moved[0])
+    }
+    /// The overlay table, read back from the loaded program.
+    pub fn overlay(&self) -> Vec<firewall_common::OverlayRule> {
+        firewall_ctl::status::overlay_of(&self.prog().info().unwrap()).expect("overlay table")
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub fn pin_exists(p: &Path) -> bool {
+    p.exists()
+}
