@@ -467,3 +467,104 @@ pub const XDP_PASS: u32 = 2;
 pub fn pin_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// The MAC address of `iface` inside `ns`.
+pub fn mac_of(ns: &Ns, iface: &str) -> [u8; 6] {
+    // Not /sys/class/net: nsenter keeps the root namespace's /sys on purpose.
+    let out = ns.sh_ok(&format!("ip -j link show dev {iface}"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let addr = v[0]["address"].as_str().unwrap().to_string();
+    let mut mac = [0u8; 6];
+    for (i, p) in addr.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(p, 16).unwrap();
+    }
+    mac
+}
+
+fn packet_socket(iface: &str) -> i32 {
+    let name = std::ffi::CString::new(iface).unwrap();
+    // SAFETY: plain AF_PACKET socket setup on fds we own.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        );
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        assert_eq!(
+            libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32
+            ),
+            0
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 300_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        fd
+    }
+}
+
+/// Write raw Ethernet frames onto `p.b_if` and count how many of them a packet
+/// socket on `p.a_if` sees, i.e. how many the XDP program on `a_if` passed.
+/// A frame is recognised by its UDP source port, which must be unique per
+/// frame; the receiving kernel may move a VLAN tag into metadata, so the
+/// match is on bytes after the tags.
+pub fn raw_frames_passed(p: &Pair, frames: Vec<(u16, Vec<u8>)>) -> usize {
+    let a_if = p.a_if.clone();
+    let b_if = p.b_if.clone();
+    let rx = p.a.run(move || packet_socket(&a_if));
+    let sports: Vec<u16> = frames.iter().map(|(s, _)| *s).collect();
+    p.b.run(move || {
+        let tx = packet_socket(&b_if);
+        for (_, f) in &frames {
+            // SAFETY: sending a buffer we own on a bound packet socket.
+            let n = unsafe { libc::send(tx, f.as_ptr().cast(), f.len(), 0) };
+            assert_eq!(
+                n as usize,
+                f.len(),
+                "send: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        unsafe { libc::close(tx) };
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        // SAFETY: receiving into a buffer we own.
+        let n = unsafe { libc::recv(rx, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            break;
+        }
+        let f = &buf[..n as usize];
+        for s in &sports {
+            let b = s.to_be_bytes();
+            if f.windows(4)
+                .any(|w| w[..2] == b && w[2..] == 5555u16.to_be_bytes())
+            {
+                seen.insert(*s);
+            }
+        }
+    }
+    // SAFETY: closing our fd.
+    unsafe { libc::close(rx) };
+    seen.len()
+}
