@@ -218,10 +218,20 @@ pub fn lookup_raw(fd: BorrowedFd<'_>, key: u32, value_size: usize) -> io::Result
 /// Read through iproute2 because no crate on the design card speaks the
 /// netlink XDP attributes and iproute2 is part of the set-up anyway.
 pub fn xdp_state(iface: &str) -> Option<(String, u32)> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "-d", "link", "show", "dev", iface])
-        .output()
-        .ok()?;
+    xdp_state_of(std::process::Command::new("ip").args(["-j", "-d", "link", "show", "dev", iface]))
+}
+
+/// `xdp_state` of an interface inside the network namespace at `netns`.
+pub fn xdp_state_in(netns: &Path, iface: &str) -> Option<(String, u32)> {
+    xdp_state_of(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["ip", "-j", "-d", "link", "show", "dev", iface]),
+    )
+}
+
+fn xdp_state_of(cmd: &mut std::process::Command) -> Option<(String, u32)> {
+    let out = cmd.output().ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let xdp = v.get(0)?.get("xdp")?;
     let mode = match xdp.get("mode")?.as_u64()? {

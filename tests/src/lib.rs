@@ -5,7 +5,7 @@
 
 use std::{
     fs::File,
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -172,14 +172,18 @@ pub fn fwctl_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FIREWALL_CTL") {
         return p.into();
     }
+    // Tests run from target/<profile>/deps, firewall-lab from target/<profile>.
     let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("firewall-ctl");
-    assert!(
-        p.exists(),
-        "{} not built: run the tests through `cargo xtask test`",
-        p.display()
-    );
-    p
+    let dir = exe.parent().unwrap();
+    for d in [dir, dir.parent().unwrap()] {
+        if d.join("firewall-ctl").exists() {
+            return d.join("firewall-ctl");
+        }
+    }
+    panic!(
+        "firewall-ctl is not built next to {}: run through `cargo xtask test`",
+        exe.display()
+    )
 }
 
 /// Run firewall-ctl inside `ns` with `--pin-dir`.
@@ -274,10 +278,7 @@ pub fn udp_delivered(from: &Ns, src: IpAddr, to: &Ns, dst: IpAddr, port: u16, n:
 pub fn tcp_connects(from: &Ns, src: IpAddr, to: &Ns, dst: IpAddr, port: u16) -> bool {
     let l = to.run(move || TcpListener::bind(SocketAddr::new(dst, port)).expect("bind listener"));
     from.run(move || {
-        let sock = match src {
-            IpAddr::V4(_) => socket2_connect(src, SocketAddr::new(dst, port)),
-            IpAddr::V6(_) => socket2_connect(src, SocketAddr::new(dst, port)),
-        };
+        let sock = socket2_connect(src, SocketAddr::new(dst, port));
         drop(l);
         sock
     })
