@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod batch;
 pub mod commit;
+pub mod controller;
 pub mod kernel;
 pub mod lock;
 pub mod packet;

@@ -1,0 +1,202 @@
+//! Controller configuration: the TOML file of `firewall-ctl run`/`plan`, and
+//! the guard settings the core runs on. Unknown keys are errors that name the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Guard and timing settings of the core. Every field has a documented default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Guards {
+    /// How long a peer must be continuously absent before it is evicted.
+    pub grace_ms: u64,
+    /// Grace for a peer whose source says it left gracefully (Serf `left`).
+    pub graceful_grace_ms: u64,
+    /// A result that reports more than this fraction of the discovery-owned
+    /// peers absent freezes deletions (held until `firewall-ctl approve`).
+    pub max_shrink_fraction: f64,
+    /// ... or more than this many.
+    pub max_shrink_count: u64,
+    /// Deletion budget: a token bucket of `evict_burst` tokens refilled at
+    /// `evict_rate_per_min`...
+    pub evict_rate_per_min: u64,
+    pub evict_burst: u64,
+    /// ... and at most `evict_max_per_window` evictions in any `evict_window_ms`.
+    pub evict_max_per_window: u64,
+    pub evict_window_ms: u64,
+    /// A result listing more members than this is rejected (Failed).
+    pub max_members: usize,
+    /// First retry delay after a failed commit; doubles up to 30 s.
+    pub retry_ms: u64,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Guards {
+            grace_ms: 300_000,
+            graceful_grace_ms: 300_000,
+            max_shrink_fraction: 0.5,
+            max_shrink_count: 64,
+            evict_rate_per_min: 60,
+            evict_burst: 16,
+            evict_max_per_window: 256,
+            evict_window_ms: 600_000,
+            max_members: 1_000_000,
+            retry_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Guards {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.graceful_grace_ms > self.grace_ms {
+            return Err("guards.graceful_grace_ms must not exceed guards.grace_ms".into());
+        }
+        if !(0.0..=1.0).contains(&self.max_shrink_fraction) {
+            return Err("guards.max_shrink_fraction must be between 0 and 1".into());
+        }
+        if self.evict_burst == 0 || self.evict_rate_per_min == 0 || self.evict_max_per_window == 0 {
+            return Err("guards.evict_burst, evict_rate_per_min and evict_max_per_window must be at least 1 (use a large grace_ms to slow evictions down)".into());
+        }
+        if self.max_members == 0 || self.max_members > 16_777_216 {
+            return Err("guards.max_members must be 1..=16777216".into());
+        }
+        Ok(())
+    }
+
+    /// The stated eviction bound: a peer absent with clean evidence is evicted
+    /// at most this long after the first clean result that omits it, when at
+    /// most `evict_burst` peers leave together (each further peer adds one
+    /// token interval), plus `tick_ms` of timer granularity in the caller.
+    pub fn eviction_bound_ms(&self, graceful: bool) -> u64 {
+        (if graceful {
+            self.graceful_grace_ms
+        } else {
+            self.grace_ms
+        }) + self.token_interval_ms()
+    }
+
+    pub fn token_interval_ms(&self) -> u64 {
+        60_000 / self.evict_rate_per_min
+    }
+}
+
+/// Where discovery data comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A JSON file: `{"revision": N, "complete": true, "peers": [{"addr": "...", "status": "alive"}]}`
+    /// or the output of `serf members -format=json` as it is.
+    File {
+        path: PathBuf,
+        #[serde(default = "default_poll_ms")]
+        poll_ms: u64,
+        #[serde(default = "default_max_bytes")]
+        max_bytes: u64,
+    },
+}
+
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_max_bytes() -> u64 {
+    64 << 20
+}
+
+/// The daemon's configuration file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces to protect; `run` attaches the firewall to any that is not yet.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    pub discovery: SourceConfig,
+    #[serde(default)]
+    pub guards: Guards,
+    /// Timer granularity of the daemon loop.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+}
+
+fn default_pin_dir() -> PathBuf {
+    "/sys/fs/bpf/firewall".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/firewall-ctl".into()
+}
+fn default_tick_ms() -> u64 {
+    250
+}
+
+impl Config {
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        };
+        let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        c.guards.validate().map_err(invalid)?;
+        if c.tick_ms == 0 || c.tick_ms > 60_000 {
+            return Err(invalid("tick_ms must be 1..=60000".into()));
+        }
+        Ok(c)
+    }
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[discovery]\nkind=\"file\"\npath=\"/x\"\n[guards]\ngrace_msec=1\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("grace_msec"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "bogus=1\n[discovery]\nkind=\"file\"\npath=\"/x\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[discovery]\nkind=\"file\"\npath=\"/x\"\n[guards]\ngrace_ms=1\ngraceful_grace_ms=2\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("graceful_grace_ms"), "{e}");
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "interfaces=[\"eth0\"]\n[discovery]\nkind=\"file\"\npath=\"/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.guards, Guards::default());
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/firewall"));
+    }
+}

@@ -1,0 +1,996 @@
+//! The commit logic as a pure, deterministic state machine.
+//!
+//! Inputs: discovery results (`handle_discovery`), time (`handle_tick`), the
+//! results of the commits it asked for (`handle_commit_result`) and operator
+//! approvals (`approve`). Outputs: commit plans (`poll_action`) and the next
+//! time it wants to be woken (`poll_timeout`). It has no tokio, no aya, no
+//! clock and no randomness: the daemon, the tests and the simulator all drive
+//! this same code, and one seed replays one run exactly. Iteration is over
+//! BTreeMaps, so output order never depends on hashing.
+//!
+//! The rules, in short:
+//! - A present member (alive, leaving) that is not in the datapath is added at once.
+//! - A member missing from a *clean* result (complete, non-empty, healthy, not
+//!   stale) becomes "absent since T". It stays allowed. It is evicted once it
+//!   has been absent continuously for the grace TTL, if no guard holds at that
+//!   moment and the deletion budget allows. If it reappears, nothing changes.
+//! - Any of these freezes every deletion until a later clean result: a failed
+//!   or partial result, an empty one, an unhealthy source, a stale revision,
+//!   one that reports more absent than the shrink threshold (held until an
+//!   operator approves), and a controller that has not seen a clean result
+//!   since it started (the first-sync gate).
+//! - Entries the operator added are never touched.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    config::Guards,
+    discovery::{Discovery, Member, MemberStatus, SourceMeta},
+};
+use crate::peers::{Changes, DISCOVERY, OPERATOR, Origin, PeerSet};
+
+/// Why deletions are frozen right now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "guard", rename_all = "snake_case")]
+pub enum Freeze {
+    /// No clean result since the controller started: the first-sync gate.
+    NotSynced,
+    Failed {
+        reason: String,
+    },
+    Partial {
+        reason: String,
+    },
+    Empty,
+    Unhealthy {
+        reason: String,
+    },
+    Stale {
+        revision: u64,
+        seen: u64,
+    },
+    /// More absent at once than the shrink threshold allows: held for approval.
+    Shrink {
+        absent: u64,
+        of: u64,
+    },
+    /// A result failed validation (too large).
+    Invalid {
+        reason: String,
+    },
+}
+
+impl Freeze {
+    pub fn describe(&self) -> String {
+        match self {
+            Freeze::NotSynced => "no clean discovery result since start (first-sync gate)".into(),
+            Freeze::Failed { reason } => format!("discovery failed: {reason}"),
+            Freeze::Partial { reason } => format!("discovery result is partial: {reason}"),
+            Freeze::Empty => "discovery returned an empty member list".into(),
+            Freeze::Unhealthy { reason } => {
+                format!("discovery source reports itself unhealthy: {reason}")
+            }
+            Freeze::Stale { revision, seen } => {
+                format!("stale discovery revision {revision} (already saw {seen})")
+            }
+            Freeze::Shrink { absent, of } => format!(
+                "{absent} of {of} peers absent at once exceeds the shrink guard; held until `firewall-ctl approve`"
+            ),
+            Freeze::Invalid { reason } => format!("discovery result rejected: {reason}"),
+        }
+    }
+}
+
+/// A discovery-owned peer that is currently absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Absence {
+    pub since_ms: u64,
+    pub graceful: bool,
+}
+
+/// What the core asks the daemon to commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitPlan {
+    pub changes: Changes,
+    pub evictions: Vec<(IpNet, Absence)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Commit(CommitPlan),
+}
+
+/// How a commit ended, as the daemon reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitResult {
+    Committed {
+        generation: u64,
+    },
+    /// Nothing was committed (map full, write error, verification failure).
+    Failed {
+        reason: String,
+    },
+}
+
+/// State that survives a restart (written by the daemon after each step).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Persisted {
+    pub generation: u64,
+    pub absent: BTreeMap<IpNet, Absence>,
+    /// The present members of the last clean result, and when it came.
+    pub last_good: Vec<IpNet>,
+    pub last_good_ms: Option<u64>,
+    pub held: BTreeSet<IpNet>,
+    pub approved: BTreeSet<IpNet>,
+    pub max_revision: Option<u64>,
+}
+
+/// The controller's view, for `status` and metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CoreStatus {
+    pub now_ms: u64,
+    pub generation: u64,
+    pub synced: bool,
+    pub freeze: Option<Freeze>,
+    pub alarms: Vec<String>,
+    pub absent: Vec<AbsentView>,
+    pub held: Vec<IpNet>,
+    pub approved: Vec<IpNet>,
+    pub budget_limited: u64,
+    pub last_result: Option<String>,
+    pub peers: u64,
+    pub evictions_total: u64,
+    pub commits_total: u64,
+    pub commit_failures_total: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AbsentView {
+    pub peer: IpNet,
+    pub since_ms: u64,
+    pub graceful: bool,
+    pub evict_at_ms: u64,
+}
+
+/// Token bucket plus a sliding-window cap. Integer milli-tokens keep it exact.
+#[derive(Clone, Debug)]
+struct Budget {
+    milli: u64,
+    last_ms: u64,
+    window: VecDeque<u64>,
+}
+
+impl Budget {
+    fn new(g: &Guards, now: u64) -> Budget {
+        Budget {
+            milli: g.evict_burst * 1000,
+            last_ms: now,
+            window: VecDeque::new(),
+        }
+    }
+    fn refill(&mut self, g: &Guards, now: u64) {
+        if now > self.last_ms {
+            let add = (now - self.last_ms).saturating_mul(g.evict_rate_per_min) / 60;
+            self.milli = (self.milli + add).min(g.evict_burst * 1000);
+            self.last_ms = now;
+        }
+        while self
+            .window
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) >= g.evict_window_ms)
+        {
+            self.window.pop_front();
+        }
+    }
+    fn take(&mut self, g: &Guards, now: u64) -> bool {
+        self.refill(g, now);
+        if self.milli >= 1000 && (self.window.len() as u64) < g.evict_max_per_window {
+            self.milli -= 1000;
+            self.window.push_back(now);
+            true
+        } else {
+            false
+        }
+    }
+    fn refund(&mut self, g: &Guards) {
+        self.milli = (self.milli + 1000).min(g.evict_burst * 1000);
+        self.window.pop_back();
+    }
+    /// When the next token will be there.
+    fn next_ms(&self, g: &Guards) -> u64 {
+        let need = 1000u64.saturating_sub(self.milli);
+        let by_rate = self.last_ms + (need * 60).div_ceil(g.evict_rate_per_min);
+        let by_window = if (self.window.len() as u64) < g.evict_max_per_window {
+            0
+        } else {
+            self.window.front().map_or(0, |t| t + g.evict_window_ms)
+        };
+        by_rate.max(by_window)
+    }
+}
+
+pub struct Core {
+    g: Guards,
+    /// The committed set as the core knows it (operator and discovery entries).
+    committed: PeerSet,
+    generation: u64,
+    absent: BTreeMap<IpNet, Absence>,
+    synced: bool,
+    freeze: Option<Freeze>,
+    max_revision: Option<u64>,
+    held: BTreeSet<IpNet>,
+    approved: BTreeSet<IpNet>,
+    budget: Budget,
+    budget_limited: u64,
+    in_flight: Option<CommitPlan>,
+    retry_at: Option<u64>,
+    retry_delay_ms: u64,
+    last_fail: Option<String>,
+    actions: VecDeque<Action>,
+    last_good: Vec<IpNet>,
+    last_good_ms: Option<u64>,
+    last_result: Option<String>,
+    pending_adds: BTreeMap<IpNet, Origin>,
+    now: u64,
+    evictions_total: u64,
+    commits_total: u64,
+    commit_failures_total: u64,
+}
+
+impl Core {
+    /// Start on top of what the datapath holds (`committed`, adopted from the
+    /// pinned maps) and what was persisted before a restart. Deletes nothing
+    /// until a clean result arrives.
+    pub fn new(
+        g: Guards,
+        committed: PeerSet,
+        generation: u64,
+        persisted: Option<Persisted>,
+        now: u64,
+    ) -> Core {
+        let p = persisted.unwrap_or_default();
+        let discovery_owned = |n: &IpNet| committed.get(n) == Some(&DISCOVERY);
+        let absent = p
+            .absent
+            .into_iter()
+            .filter(|(n, _)| discovery_owned(n))
+            .collect();
+        Core {
+            budget: Budget::new(&g, now),
+            g,
+            generation,
+            absent,
+            synced: false,
+            freeze: Some(Freeze::NotSynced),
+            max_revision: p.max_revision,
+            held: BTreeSet::new(),
+            approved: p
+                .approved
+                .into_iter()
+                .filter(|n| committed.get(n) == Some(&DISCOVERY))
+                .collect(),
+            committed,
+            budget_limited: 0,
+            in_flight: None,
+            retry_at: None,
+            retry_delay_ms: 0,
+            last_fail: None,
+            actions: VecDeque::new(),
+            last_good: p.last_good,
+            last_good_ms: p.last_good_ms,
+            last_result: None,
+            pending_adds: BTreeMap::new(),
+            now,
+            evictions_total: 0,
+            commits_total: 0,
+            commit_failures_total: 0,
+        }
+    }
+
+    pub fn guards(&self) -> &Guards {
+        &self.g
+    }
+    pub fn committed(&self) -> &PeerSet {
+        &self.committed
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    pub fn freeze(&self) -> Option<&Freeze> {
+        self.freeze.as_ref()
+    }
+    pub fn absent(&self) -> &BTreeMap<IpNet, Absence> {
+        &self.absent
+    }
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    fn set_now(&mut self, now: u64) {
+        // Time never runs backwards for the core, whatever the wall clock does.
+        self.now = self.now.max(now);
+    }
+
+    /// Check a result's shape. Invalid entries (unspecified or multicast
+    /// addresses, one address listed twice) are dropped and the result is
+    /// downgraded to partial: the rest still adds, nothing is deleted.
+    fn validate(&self, d: Discovery) -> Discovery {
+        let meta = d.meta().clone();
+        if d.members().len() > self.g.max_members {
+            return Discovery::Failed {
+                reason: format!(
+                    "{} members exceed guards.max_members = {}",
+                    d.members().len(),
+                    self.g.max_members
+                ),
+                meta,
+            };
+        }
+        let (members, complete, reason) = match d {
+            Discovery::Failed { .. } => return d,
+            Discovery::Complete { members, .. } => (members, true, String::new()),
+            Discovery::Partial {
+                members, reason, ..
+            } => (members, false, reason),
+        };
+        let mut count: BTreeMap<IpNet, u32> = BTreeMap::new();
+        for m in &members {
+            *count.entry(m.net).or_default() += 1;
+        }
+        let bad = |m: &Member| {
+            let a = m.net.addr();
+            a.is_unspecified() || a.is_multicast() || m.net.trunc() != m.net || count[&m.net] > 1
+        };
+        let dropped = members.iter().filter(|m| bad(m)).count();
+        if dropped == 0 {
+            return if complete {
+                Discovery::Complete { members, meta }
+            } else {
+                Discovery::Partial {
+                    members,
+                    meta,
+                    reason,
+                }
+            };
+        }
+        let kept: Vec<Member> = members.into_iter().filter(|m| !bad(m)).collect();
+        let why = format!("{dropped} invalid or duplicate entries dropped");
+        Discovery::Partial {
+            members: kept,
+            meta,
+            reason: if reason.is_empty() {
+                why
+            } else {
+                format!("{reason}; {why}")
+            },
+        }
+    }
+
+    pub fn handle_discovery(&mut self, now: u64, d: Discovery) {
+        self.set_now(now);
+        let d = self.validate(d);
+        let meta: SourceMeta = d.meta().clone();
+        self.last_result = Some(format!(
+            "{} with {} members at {}",
+            d.kind(),
+            d.members().len(),
+            self.now
+        ));
+        if let (Some(r), Some(seen)) = (meta.revision, self.max_revision) {
+            if r < seen {
+                // Older than what we already acted on: ignored entirely.
+                self.freeze = Some(Freeze::Stale { revision: r, seen });
+                self.plan();
+                return;
+            }
+        }
+        if let Some(r) = meta.revision {
+            self.max_revision = Some(self.max_revision.map_or(r, |s| s.max(r)));
+        }
+        // Positive evidence from complete and partial results alike.
+        let present: BTreeSet<IpNet> = d
+            .members()
+            .iter()
+            .filter(|m| m.status.present())
+            .map(|m| m.net)
+            .collect();
+        for n in &present {
+            self.absent.remove(n);
+            self.held.remove(n);
+            self.approved.remove(n);
+            if !self.committed.contains_key(n) {
+                self.pending_adds.insert(*n, DISCOVERY);
+            }
+        }
+        let members = d.members().to_vec();
+        self.freeze = match d {
+            Discovery::Failed { reason, .. } if reason.contains("guards.max_members") => {
+                Some(Freeze::Invalid { reason })
+            }
+            Discovery::Failed { reason, .. } => Some(Freeze::Failed { reason }),
+            Discovery::Partial { reason, .. } => Some(Freeze::Partial { reason }),
+            Discovery::Complete { .. } if members.is_empty() => Some(Freeze::Empty),
+            Discovery::Complete { .. } if !meta.healthy => Some(Freeze::Unhealthy {
+                reason: meta
+                    .health_reason
+                    .clone()
+                    .unwrap_or_else(|| "unhealthy".into()),
+            }),
+            Discovery::Complete { .. } => {
+                // A clean result: it is evidence of absence.
+                let status: BTreeMap<IpNet, MemberStatus> =
+                    members.iter().map(|m| (m.net, m.status)).collect();
+                let owned: Vec<IpNet> = self
+                    .committed
+                    .iter()
+                    .filter(|(_, o)| **o == DISCOVERY)
+                    .map(|(n, _)| *n)
+                    .collect();
+                let mut absent_now = 0u64;
+                for n in &owned {
+                    if present.contains(n) {
+                        continue;
+                    }
+                    absent_now += 1;
+                    let graceful = status.get(n) == Some(&MemberStatus::Left);
+                    let now = self.now;
+                    let a = self.absent.entry(*n).or_insert(Absence {
+                        since_ms: now,
+                        graceful,
+                    });
+                    // A graceful leave can shorten the grace, never a later failure.
+                    a.graceful = a.graceful && graceful;
+                }
+                self.last_good = present.iter().copied().collect();
+                self.last_good_ms = Some(self.now);
+                self.synced = true;
+                let total = owned.len() as u64;
+                let too_many = absent_now > self.g.max_shrink_count
+                    || (total > 0 && absent_now as f64 / total as f64 > self.g.max_shrink_fraction);
+                if too_many {
+                    Some(Freeze::Shrink {
+                        absent: absent_now,
+                        of: total,
+                    })
+                } else {
+                    None
+                }
+            }
+        };
+        if !self.synced && self.freeze.is_none() {
+            self.freeze = Some(Freeze::NotSynced);
+        }
+        self.plan();
+    }
+
+    pub fn handle_tick(&mut self, now: u64) {
+        self.set_now(now);
+        self.plan();
+    }
+
+    /// Operator approval of held deletions (all, or the listed ones). It lifts
+    /// the shrink guard for exactly those peers; no other guard can be approved
+    /// away, and the grace TTL still applies.
+    pub fn approve(&mut self, now: u64, which: Option<&[IpNet]>) -> Vec<IpNet> {
+        self.set_now(now);
+        let chosen: Vec<IpNet> = match which {
+            None => self.held.iter().copied().collect(),
+            Some(list) => list
+                .iter()
+                .filter(|n| self.absent.contains_key(n))
+                .copied()
+                .collect(),
+        };
+        self.approved.extend(chosen.iter().copied());
+        self.plan();
+        chosen
+    }
+
+    pub fn handle_commit_result(&mut self, now: u64, r: CommitResult) {
+        self.set_now(now);
+        let Some(plan) = self.in_flight.take() else {
+            return;
+        };
+        match r {
+            CommitResult::Committed { generation } => {
+                for n in &plan.changes.remove {
+                    self.committed.remove(n);
+                    self.absent.remove(n);
+                    self.held.remove(n);
+                    self.approved.remove(n);
+                }
+                for (n, o) in &plan.changes.add {
+                    self.committed.insert(*n, *o);
+                    self.pending_adds.remove(n);
+                }
+                self.generation = generation;
+                self.evictions_total += plan.evictions.len() as u64;
+                self.commits_total += 1;
+                self.retry_at = None;
+                self.retry_delay_ms = 0;
+                self.last_fail = None;
+            }
+            CommitResult::Failed { reason } => {
+                for _ in &plan.evictions {
+                    self.budget.refund(&self.g);
+                }
+                self.commit_failures_total += 1;
+                self.retry_delay_ms = (self.retry_delay_ms * 2).clamp(self.g.retry_ms, 30_000);
+                self.retry_at = Some(self.now + self.retry_delay_ms);
+                self.last_fail = Some(reason);
+            }
+        }
+        self.plan();
+    }
+
+    /// The datapath changed under us (an operator edit, a conflict): take it as
+    /// the truth. Absences of peers no longer owned by discovery are dropped.
+    pub fn resync(&mut self, committed: PeerSet, generation: u64) {
+        self.in_flight = None;
+        self.absent
+            .retain(|n, _| committed.get(n) == Some(&DISCOVERY));
+        self.pending_adds.retain(|n, _| !committed.contains_key(n));
+        self.committed = committed;
+        self.generation = generation;
+        self.plan();
+    }
+
+    fn grace(&self, a: &Absence) -> u64 {
+        if a.graceful {
+            self.g.graceful_grace_ms
+        } else {
+            self.g.grace_ms
+        }
+    }
+
+    /// Decide the next commit, if none is in flight.
+    fn plan(&mut self) {
+        if self.in_flight.is_some() || self.retry_at.is_some_and(|t| t > self.now) {
+            return;
+        }
+        let adds: Vec<(IpNet, Origin)> = self
+            .pending_adds
+            .iter()
+            .filter(|(n, _)| !self.committed.contains_key(n))
+            .map(|(n, o)| (*n, *o))
+            .collect();
+        let mut evictions = Vec::new();
+        self.held.clear();
+        self.budget_limited = 0;
+        let due: Vec<(IpNet, Absence)> = self
+            .absent
+            .iter()
+            .filter(|(n, a)| {
+                self.committed.get(n) == Some(&DISCOVERY)
+                    && self.now.saturating_sub(a.since_ms) >= self.grace(a)
+            })
+            .map(|(n, a)| (*n, *a))
+            .collect();
+        for (n, a) in due {
+            let blocked = match &self.freeze {
+                None => false,
+                Some(Freeze::Shrink { .. }) => !self.approved.contains(&n),
+                Some(_) => true,
+            };
+            if blocked {
+                self.held.insert(n);
+            } else if self.budget.take(&self.g, self.now) {
+                evictions.push((n, a));
+            } else {
+                self.budget_limited += 1;
+            }
+        }
+        if adds.is_empty() && evictions.is_empty() {
+            return;
+        }
+        let plan = CommitPlan {
+            changes: Changes {
+                add: adds,
+                remove: evictions.iter().map(|(n, _)| *n).collect(),
+            },
+            evictions,
+        };
+        self.in_flight = Some(plan.clone());
+        // At most one action is ever queued: the next is planned only after
+        // this one's result comes back.
+        self.actions.push_back(Action::Commit(plan));
+    }
+
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next time the core wants `handle_tick`, if any.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut t: Option<u64> = self.retry_at;
+        let mut consider = |x: u64| t = Some(t.map_or(x, |t| t.min(x)));
+        for a in self.absent.values() {
+            let at = a.since_ms + self.grace(a);
+            if at > self.now {
+                consider(at);
+            }
+        }
+        if self.budget_limited > 0 {
+            consider(self.budget.next_ms(&self.g).max(self.now + 1));
+        }
+        t
+    }
+
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            generation: self.generation,
+            absent: self.absent.clone(),
+            last_good: self.last_good.clone(),
+            last_good_ms: self.last_good_ms,
+            held: self.held.clone(),
+            approved: self.approved.clone(),
+            max_revision: self.max_revision,
+        }
+    }
+
+    pub fn status(&self) -> CoreStatus {
+        let mut alarms = Vec::new();
+        if let Some(f) = &self.freeze {
+            alarms.push(format!("deletions frozen: {}", f.describe()));
+        }
+        if let Some(e) = &self.last_fail {
+            alarms.push(format!("last commit failed: {e}"));
+        }
+        CoreStatus {
+            now_ms: self.now,
+            generation: self.generation,
+            synced: self.synced,
+            freeze: self.freeze.clone(),
+            alarms,
+            absent: self
+                .absent
+                .iter()
+                .map(|(n, a)| AbsentView {
+                    peer: *n,
+                    since_ms: a.since_ms,
+                    graceful: a.graceful,
+                    evict_at_ms: a.since_ms + self.grace(a),
+                })
+                .collect(),
+            held: self.held.iter().copied().collect(),
+            approved: self.approved.iter().copied().collect(),
+            budget_limited: self.budget_limited,
+            last_result: self.last_result.clone(),
+            peers: self.committed.len() as u64,
+            evictions_total: self.evictions_total,
+            commits_total: self.commits_total,
+            commit_failures_total: self.commit_failures_total,
+        }
+    }
+
+    pub fn operator_owned(&self, n: &IpNet) -> bool {
+        self.committed.get(n) == Some(&OPERATOR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(i: u8) -> IpNet {
+        format!("198.18.0.{i}/32").parse().unwrap()
+    }
+    fn alive(ids: &[u8]) -> Discovery {
+        Discovery::Complete {
+            members: ids
+                .iter()
+                .map(|i| Member {
+                    net: p(*i),
+                    status: MemberStatus::Alive,
+                })
+                .collect(),
+            meta: SourceMeta {
+                healthy: true,
+                ..Default::default()
+            },
+        }
+    }
+    fn g() -> Guards {
+        Guards {
+            grace_ms: 10_000,
+            graceful_grace_ms: 2_000,
+            ..Guards::default()
+        }
+    }
+    /// Run the core against an always-succeeding datapath.
+    fn drain(c: &mut Core, now: u64) -> Vec<CommitPlan> {
+        let mut out = vec![];
+        while let Some(Action::Commit(plan)) = c.poll_action() {
+            let generation = c.generation() + 1;
+            out.push(plan);
+            c.handle_commit_result(now, CommitResult::Committed { generation });
+        }
+        out
+    }
+
+    #[test]
+    fn adds_flow_and_absence_waits_for_the_grace() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        assert_eq!(drain(&mut c, 0)[0].changes.add.len(), 4);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        c.handle_tick(10_999);
+        assert!(drain(&mut c, 10_999).is_empty(), "not before the grace");
+        assert_eq!(c.poll_timeout(), Some(11_000));
+        c.handle_tick(11_000);
+        let plans = drain(&mut c, 11_000);
+        assert_eq!(plans[0].changes.remove, vec![p(4)]);
+        assert_eq!(plans[0].evictions[0].1.since_ms, 1_000);
+    }
+
+    #[test]
+    fn reappearing_cancels_the_absence() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        c.handle_discovery(5_000, alive(&[1, 2, 3, 4]));
+        c.handle_tick(60_000);
+        assert!(drain(&mut c, 60_000).is_empty());
+    }
+
+    #[test]
+    fn every_guard_freezes_deletions_but_not_additions() {
+        let meta = SourceMeta {
+            healthy: true,
+            ..Default::default()
+        };
+        let bad = [
+            Discovery::Failed {
+                reason: "timeout".into(),
+                meta: meta.clone(),
+            },
+            Discovery::Partial {
+                members: vec![Member {
+                    net: p(9),
+                    status: MemberStatus::Alive,
+                }],
+                meta: meta.clone(),
+                reason: "page 2 failed".into(),
+            },
+            Discovery::Complete {
+                members: vec![],
+                meta: meta.clone(),
+            },
+            Discovery::Complete {
+                members: vec![Member {
+                    net: p(9),
+                    status: MemberStatus::Alive,
+                }],
+                meta: SourceMeta {
+                    healthy: false,
+                    health_reason: Some("agent sees only itself".into()),
+                    ..Default::default()
+                },
+            },
+        ];
+        for d in bad {
+            let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+            c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+            drain(&mut c, 0);
+            c.handle_discovery(1_000, alive(&[1, 2, 3])); // 4 goes absent, cleanly
+            c.handle_discovery(2_000, d.clone());
+            c.handle_tick(100_000);
+            let plans = drain(&mut c, 100_000);
+            assert!(
+                plans.iter().all(|p| p.changes.remove.is_empty()),
+                "{d:?} must freeze deletions"
+            );
+            assert_eq!(c.status().held, vec![p(4)], "{d:?}");
+            if !d.members().is_empty() {
+                assert!(
+                    c.committed().contains_key(&p(9)),
+                    "{d:?}: additions still flow"
+                );
+            }
+            // A clean result lifts the freeze and the due eviction goes through.
+            c.handle_discovery(100_001, alive(&[1, 2, 3, 9]));
+            assert_eq!(
+                drain(&mut c, 100_001)
+                    .iter()
+                    .flat_map(|p| p.changes.remove.clone())
+                    .collect::<Vec<_>>(),
+                vec![p(4)]
+            );
+        }
+    }
+
+    #[test]
+    fn stale_revisions_are_ignored_and_freeze() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        let rev = |ids: &[u8], r| match alive(ids) {
+            Discovery::Complete { members, .. } => Discovery::Complete {
+                members,
+                meta: SourceMeta {
+                    revision: Some(r),
+                    healthy: true,
+                    health_reason: None,
+                },
+            },
+            _ => unreachable!(),
+        };
+        c.handle_discovery(0, rev(&[1, 2, 3, 4], 10));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, rev(&[1, 2, 3], 11));
+        c.handle_discovery(2_000, rev(&[1, 2], 9)); // stale: must not start 3's absence
+        assert!(!c.absent().contains_key(&p(3)));
+        c.handle_tick(50_000);
+        assert!(
+            drain(&mut c, 50_000).is_empty(),
+            "frozen by the stale result"
+        );
+        assert!(matches!(
+            c.freeze(),
+            Some(Freeze::Stale {
+                revision: 9,
+                seen: 11
+            })
+        ));
+    }
+
+    #[test]
+    fn mass_removal_needs_approval() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4, 5, 6]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2])); // 4 of 6 absent: > 50 %
+        c.handle_tick(20_000);
+        assert!(drain(&mut c, 20_000).is_empty());
+        assert_eq!(c.status().held.len(), 4);
+        let approved = c.approve(20_001, None);
+        assert_eq!(approved.len(), 4);
+        let removed: usize = drain(&mut c, 20_001)
+            .iter()
+            .map(|p| p.changes.remove.len())
+            .sum();
+        assert_eq!(removed, 4);
+    }
+
+    #[test]
+    fn graceful_leave_uses_the_shorter_grace_and_budget_spreads_evictions() {
+        let guards = Guards {
+            evict_burst: 2,
+            evict_rate_per_min: 60,
+            ..g()
+        };
+        let mut c = Core::new(guards, PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&(1..=10).collect::<Vec<_>>()));
+        drain(&mut c, 0);
+        let mut members: Vec<Member> = (1..=6)
+            .map(|i| Member {
+                net: p(i),
+                status: MemberStatus::Alive,
+            })
+            .collect();
+        members.extend((7..=10).map(|i| Member {
+            net: p(i),
+            status: MemberStatus::Left,
+        }));
+        c.handle_discovery(
+            1_000,
+            Discovery::Complete {
+                members,
+                meta: SourceMeta {
+                    healthy: true,
+                    ..Default::default()
+                },
+            },
+        );
+        c.handle_tick(3_000);
+        assert_eq!(
+            drain(&mut c, 3_000)
+                .iter()
+                .map(|p| p.changes.remove.len())
+                .sum::<usize>(),
+            2,
+            "burst of 2"
+        );
+        assert_eq!(c.status().budget_limited, 2);
+        let next = c.poll_timeout().unwrap();
+        assert!(next > 3_000 && next <= 4_000, "{next}");
+        c.handle_tick(5_000);
+        assert_eq!(
+            drain(&mut c, 5_000)
+                .iter()
+                .map(|p| p.changes.remove.len())
+                .sum::<usize>(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_restart_deletes_nothing_until_a_clean_result() {
+        let committed: PeerSet = (1..=4)
+            .map(|i| (p(i), DISCOVERY))
+            .chain([(p(50), OPERATOR)])
+            .collect();
+        let persisted = Persisted {
+            absent: [(
+                p(4),
+                Absence {
+                    since_ms: 0,
+                    graceful: false,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let mut c = Core::new(g(), committed, 7, Some(persisted), 100_000);
+        c.handle_tick(100_000);
+        assert!(drain(&mut c, 100_000).is_empty(), "first-sync gate");
+        assert_eq!(c.status().held, vec![p(4)]);
+        c.handle_discovery(100_001, alive(&[1, 2, 3]));
+        let plans = drain(&mut c, 100_001);
+        assert_eq!(
+            plans[0].changes.remove,
+            vec![p(4)],
+            "restored timer, already due"
+        );
+        assert!(
+            c.committed().contains_key(&p(50)),
+            "operator entries are never touched"
+        );
+    }
+
+    #[test]
+    fn failed_commits_retry_with_backoff_and_refund_the_budget() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1]));
+        assert!(matches!(c.poll_action(), Some(Action::Commit(_))));
+        c.handle_commit_result(
+            0,
+            CommitResult::Failed {
+                reason: "map full".into(),
+            },
+        );
+        assert_eq!(c.poll_action(), None);
+        assert_eq!(c.poll_timeout(), Some(500));
+        c.handle_tick(500);
+        assert!(matches!(c.poll_action(), Some(Action::Commit(_))));
+    }
+
+    #[test]
+    fn invalid_entries_downgrade_to_partial() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        let members = vec![
+            Member {
+                net: p(1),
+                status: MemberStatus::Alive,
+            },
+            Member {
+                net: p(2),
+                status: MemberStatus::Alive,
+            },
+            Member {
+                net: p(2),
+                status: MemberStatus::Failed,
+            },
+            Member {
+                net: "0.0.0.0/32".parse().unwrap(),
+                status: MemberStatus::Alive,
+            },
+        ];
+        c.handle_discovery(
+            0,
+            Discovery::Complete {
+                members,
+                meta: SourceMeta {
+                    healthy: true,
+                    ..Default::default()
+                },
+            },
+        );
+        assert!(matches!(c.freeze(), Some(Freeze::Partial { .. })));
+        let plans = drain(&mut c, 0);
+        assert_eq!(plans[0].changes.add, vec![(p(1), DISCOVERY)]);
+    }
+}
