@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod lock;
 pub mod packet;
 pub mod peers;
+pub mod sim;
 pub mod status;
 pub mod store;
 pub mod sys;

@@ -110,6 +110,10 @@ pub struct MemStore {
     pub cidr_slots: [PeerSet; 2],
     pub capacity: usize,
     pub fault: Option<FaultPoint>,
+    /// When set, the injected fault is a crash: the process "dies" at that
+    /// point, so no cleanup runs and every later call fails until `revive`.
+    pub crash: bool,
+    pub dead: bool,
     /// Counts every write, for tests that want to see that nothing was touched.
     pub writes: u64,
 }
@@ -140,9 +144,25 @@ impl MemStore {
         out
     }
 
+    pub fn revive(&mut self) {
+        self.dead = false;
+        self.crash = false;
+        self.fault = None;
+    }
+
+    fn alive(&self) -> Result<(), StoreError> {
+        if self.dead {
+            Err(StoreError::Injected("the process is dead"))
+        } else {
+            Ok(())
+        }
+    }
+
     fn take_fault(&mut self, p: FaultPoint) -> Result<(), StoreError> {
+        self.alive()?;
         if self.fault == Some(p) {
             self.fault = None;
+            self.dead = self.crash;
             return Err(StoreError::Injected(match p {
                 FaultPoint::StageAfter(_) => "stage",
                 FaultPoint::Verify => "verify",
@@ -156,6 +176,7 @@ impl MemStore {
 
 impl PeerStore for MemStore {
     fn load(&mut self) -> Result<Loaded, StoreError> {
+        self.alive()?;
         let c = self.committed;
         let leftovers = self
             .exact
@@ -170,6 +191,7 @@ impl PeerStore for MemStore {
     }
 
     fn cleanup(&mut self) -> Result<u64, StoreError> {
+        self.alive()?;
         let c = self.committed;
         let mut touched = 0;
         self.exact.retain(|_, e| {
@@ -195,6 +217,7 @@ impl PeerStore for MemStore {
         changes: &Changes,
         cidrs: &PeerSet,
     ) -> Result<(), StoreError> {
+        self.alive()?;
         let new_keys = changes
             .add
             .iter()
@@ -215,6 +238,7 @@ impl PeerStore for MemStore {
         let mut tick = |s: &mut Self| -> Result<(), StoreError> {
             if budget == Some(written) {
                 s.fault = None;
+                s.dead = s.crash;
                 return Err(StoreError::Injected("stage"));
             }
             written += 1;

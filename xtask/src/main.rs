@@ -305,9 +305,26 @@ fn main() {
                     other => bail!("unknown benchmark `{other}`: use datapath or all"),
                 })
         }
+        Some("sim") => setup().and_then(|()| {
+            run(
+                "building the simulator",
+                cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "firewall-ctl",
+                    "--bin",
+                    "firewall-sim",
+                ]),
+            )?;
+            run(
+                "simulation",
+                Command::new(root().join("target/release/firewall-sim")).args(&args[1..]),
+            )
+        }),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test [cargo test args] | demo | bench [datapath|all]>"
+                "usage: cargo xtask <setup | test [cargo test args] | demo | bench [datapath|all] | sim --seeds N [--seed S]>"
             );
             exit(2);
         }
