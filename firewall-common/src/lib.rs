@@ -15,7 +15,7 @@ pub mod overlay_toml;
 
 /// Bumped whenever a pinned map's key or value layout changes. A pin directory
 /// holding maps of another ABI is refused instead of being silently reused.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// `CTRL.magic`: "FWC1" in ASCII, so a hex dump shows what the map is.
 pub const CTRL_MAGIC: u32 = u32::from_be_bytes(*b"FWC1");
 
@@ -135,10 +135,12 @@ pub struct Control {
     /// skip the LPM lookup entirely.
     pub cidr4_count: [u32; 2],
     pub cidr6_count: [u32; 2],
-    /// Number of entries visible at `committed_gen` (exact + CIDR), and an
-    /// order-independent checksum of them, for verification and status.
-    pub peer_count: u64,
-    pub checksum: u64,
+    /// Number of entries (exact + CIDR) and an order-independent checksum of
+    /// them, per slot like the CIDR tries: staging writes the standby slot, so
+    /// the flip makes the live slot describe the committed generation at the
+    /// same instant, and a crash between the two cannot leave them disagreeing.
+    pub peer_count: [u64; 2],
+    pub checksum: [u64; 2],
 }
 
 /// Per-CPU counters, one per verdict reason.
@@ -308,7 +310,7 @@ const _: () = {
     assert!(size_of::<PeerV6Key>() == 16);
     assert!(size_of::<PeerVal>() == 32);
     assert!(size_of::<CidrVal>() == 8);
-    assert!(size_of::<Control>() == 56);
+    assert!(size_of::<Control>() == 72);
     assert!(size_of::<Counters>() == 48);
     assert!(size_of::<OverlayRule>() == 24);
     assert!(size_of::<OverlayTable>() == 16 + 24 * OVERLAY_MAX);

@@ -732,6 +732,11 @@ impl PeerStore for KernelStore {
     }
 
     fn flip(&mut self, generation: u64, digest: Digest) -> Result<(), StoreError> {
+        let slot = (generation & 1) as usize;
+        self.ctrl.update(|c| {
+            c.peer_count[slot] = digest.count;
+            c.checksum[slot] = digest.sum;
+        });
         let c = self.ctrl.read();
         if c.committed_gen + 1 != generation {
             return Err(StoreError::Conflict {
@@ -743,11 +748,7 @@ impl PeerStore for KernelStore {
         // by completed syscalls before it, so a packet that sees the new
         // generation sees all of it.
         self.ctrl.gen_word().store(generation, Ordering::Release);
-        self.ctrl.update(|c| {
-            c.staged_gen = generation;
-            c.peer_count = digest.count;
-            c.checksum = digest.sum;
-        });
+        self.ctrl.update(|c| c.staged_gen = generation);
         Ok(())
     }
 

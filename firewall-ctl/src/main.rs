@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use firewall_ctl::{
     attach::{self, AttachError, Mode},
     commit::{Committed, commit},
+    controller::{config::Config, daemon},
     kernel::{KernelStore, LayoutError},
     lock::CommitLock,
     peers::{Changes, OPERATOR, PeerParseError, parse_peer},
@@ -61,11 +62,35 @@ enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
+        /// The controller's state directory, for its view (absent peers, held deletions, alarms).
+        #[arg(long, default_value = "/var/lib/firewall-ctl")]
+        state_dir: PathBuf,
     },
     /// Operator edits of the allowlist, committed through stage, verify and flip.
     Peers {
         #[command(subcommand)]
         cmd: PeersCmd,
+    },
+    /// Run the controller: keep the allowlist in step with discovery (see README: controller).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Dry run: what the controller would add, hold and evict right now, and why.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the deletions a guard holds, and with --yes let them through.
+    Approve {
+        #[arg(long, default_value = "/var/lib/firewall-ctl")]
+        state_dir: PathBuf,
+        /// Approve (all held, or the PEERs listed).
+        #[arg(long)]
+        yes: bool,
+        peers: Vec<String>,
     },
     /// Per-interface verdict counters, and rates with --watch.
     Stats {
@@ -137,6 +162,11 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if c.downcast_ref::<StoreError>().is_some() {
             return exit::COMMIT_FAILED;
         }
+        if c.downcast_ref::<firewall_ctl::controller::config::ConfigError>()
+            .is_some()
+        {
+            return exit::USAGE;
+        }
     }
     exit::FAILURE
 }
@@ -201,14 +231,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if purged { "; peer maps removed" } else { "" }
             );
         }
-        Cmd::Status { json } => {
+        Cmd::Status { json, state_dir } => {
             sys::check_privileges()?;
             let st = status::status(&pin_dir)?;
+            let ctl: Option<serde_json::Value> = firewall_ctl::controller::state::read_json(
+                &state_dir.join(firewall_ctl::controller::state::STATUS_FILE),
+            )
+            .unwrap_or(None);
             if json {
-                return print_json(&st);
+                let mut v = serde_json::to_value(&st)?;
+                v["controller"] = ctl.unwrap_or(serde_json::Value::Null);
+                return print_json(&v);
             }
             print_status(&st);
+            print_controller(ctl.as_ref());
         }
+        Cmd::Run { config } => {
+            let cfg = Config::load(&config)?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(daemon::run(cfg))?;
+        }
+        Cmd::Plan { config, json } => {
+            sys::check_privileges()?;
+            let cfg = Config::load(&config)?;
+            let plan = daemon::plan(&cfg)?;
+            if json {
+                return print_json(&plan);
+            }
+            println!(
+                "generation {} committed; source: {} with {} members",
+                plan["generation"], plan["source"]["kind"], plan["source"]["members"]
+            );
+            if let Some(f) = plan["freeze"].as_str() {
+                println!("deletions frozen: {f}");
+            }
+            for (what, key) in [
+                ("would add", "would_add"),
+                ("would evict", "would_evict"),
+                ("held", "held"),
+                ("absent, not yet due", "absent_not_yet_due"),
+            ] {
+                let items = plan[key].as_array().cloned().unwrap_or_default();
+                println!(
+                    "{what}: {}",
+                    if items.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        String::new()
+                    }
+                );
+                for i in items {
+                    println!("  {i}");
+                }
+            }
+        }
+        Cmd::Approve {
+            state_dir,
+            yes,
+            peers,
+        } => approve(&state_dir, yes, &peers)?,
         Cmd::Peers { cmd } => peers(&pin_dir, cmd)?,
         Cmd::Stats { json, watch } => stats(&pin_dir, json, watch)?,
     }
@@ -280,6 +363,91 @@ fn print_status(st: &status::Status) {
             println!("  problem: {p}");
         }
     }
+}
+
+fn print_controller(ctl: Option<&serde_json::Value>) {
+    let Some(v) = ctl else {
+        println!(
+            "\ncontroller: no status file (is `firewall-ctl run` running with this --state-dir?)"
+        );
+        return;
+    };
+    let c = &v["core"];
+    println!(
+        "\ncontroller pid {} ({}), synced {}, last result: {}",
+        v["pid"],
+        if v["running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "stopped"
+        },
+        c["synced"],
+        c["last_result"].as_str().unwrap_or("none")
+    );
+    for a in c["alarms"].as_array().into_iter().flatten() {
+        println!("  ALARM {}", a.as_str().unwrap_or(""));
+    }
+    for a in c["absent"].as_array().into_iter().flatten() {
+        println!(
+            "  absent {} since {} ms, evict at {} ms{}",
+            a["peer"].as_str().unwrap_or("?"),
+            a["since_ms"],
+            a["evict_at_ms"],
+            if a["graceful"].as_bool() == Some(true) {
+                " (left gracefully)"
+            } else {
+                ""
+            }
+        );
+    }
+    for h in c["held"].as_array().into_iter().flatten() {
+        println!(
+            "  held   {} (run `firewall-ctl approve` to review)",
+            h.as_str().unwrap_or("?")
+        );
+    }
+}
+
+fn approve(state_dir: &std::path::Path, yes: bool, peers: &[String]) -> anyhow::Result<()> {
+    use firewall_ctl::controller::state;
+    let st: serde_json::Value = state::read_json(&state_dir.join(state::STATUS_FILE))?
+        .with_context(|| format!("no controller status in {}: is `firewall-ctl run` running with this state directory?", state_dir.display()))?;
+    let held: Vec<String> = st["core"]["held"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    if let Some(f) = st["core"]["freeze"].as_object() {
+        println!("guard: {}", serde_json::Value::Object(f.clone()));
+    }
+    if held.is_empty() && peers.is_empty() {
+        println!("no deletions are held");
+        return Ok(());
+    }
+    println!("held deletions ({}):", held.len());
+    for h in &held {
+        println!("  {h}");
+    }
+    let chosen = peers
+        .iter()
+        .map(|p| parse_peer(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !yes {
+        println!(
+            "nothing approved: run again with --yes to let {} through (only the shrink guard can be approved; the grace TTL still applies)",
+            if chosen.is_empty() {
+                "all of them".to_string()
+            } else {
+                format!("{} listed peers", chosen.len())
+            }
+        );
+        return Ok(());
+    }
+    let req = serde_json::json!({"peers": if chosen.is_empty() { serde_json::Value::Null } else { serde_json::to_value(&chosen)? }});
+    state::write_json(&state_dir.join(state::APPROVE_FILE), &req)?;
+    println!("approval written; the controller applies it within one tick (see its audit log)");
+    Ok(())
 }
 
 fn peers(pin_dir: &std::path::Path, cmd: PeersCmd) -> anyhow::Result<()> {

@@ -245,8 +245,8 @@ pub fn status(pin_dir: &Path) -> Result<Status, crate::kernel::LayoutError> {
         datapath: SharedStatus {
             committed_generation: c.committed_gen,
             staged_generation: c.staged_gen,
-            peer_count: c.peer_count,
-            checksum: format!("{:016x}", c.checksum),
+            peer_count: c.peer_count[live],
+            checksum: format!("{:016x}", c.checksum[live]),
             cidr4_live: c.cidr4_count[live],
             cidr6_live: c.cidr6_count[live],
             capacity_per_family: store.capacity()[0],

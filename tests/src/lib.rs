@@ -569,3 +569,201 @@ pub fn raw_frames_passed(p: &Pair, frames: Vec<(u16, Vec<u8>)>) -> usize {
     unsafe { libc::close(rx) };
     seen.len()
 }
+
+/// `firewall-ctl run` inside a namespace, as a child of this test; killed (by
+/// its PID, which is ours) on Drop.
+pub struct Daemon {
+    pub child: Option<std::process::Child>,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(ns: &Ns, config: &Path, state_dir: &Path) -> Daemon {
+        let log = File::create(state_dir.join("daemon.log")).unwrap();
+        // nsenter execs firewall-ctl in place (no fork for a net namespace), so
+        // the child's PID is the daemon's.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg(fwctl_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn firewall-ctl run");
+        Daemon {
+            child: Some(child),
+            config: config.into(),
+            state_dir: state_dir.into(),
+        }
+    }
+    pub fn kill(&mut self, signal: i32) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by PID.
+            unsafe { libc::kill(c.id() as i32, signal) };
+            let _ = c.wait();
+        }
+    }
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.state_dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill(libc::SIGKILL);
+    }
+}
+
+/// A scratch directory for a test, removed on Drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(unique("fwtd"));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Write a peers file for the file source, atomically (rename).
+pub fn write_peers(path: &Path, revision: u64, peers: &[IpAddr]) {
+    let list: Vec<serde_json::Value> = peers
+        .iter()
+        .map(|p| serde_json::json!({"addr": p.to_string()}))
+        .collect();
+    write_raw(
+        path,
+        &serde_json::json!({"revision": revision, "peers": list}).to_string(),
+    );
+}
+
+pub fn write_raw(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Continuous UDP traffic from several sources in `from` to `dst:port` in
+/// `to`, one datagram per source every `every_ms`, each carrying a sequence
+/// number; `stop` returns (sent, received) per source.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: Option<std::thread::JoinHandle<Vec<u32>>>,
+    receiver: Option<std::thread::JoinHandle<std::collections::HashMap<IpAddr, u32>>>,
+    sources: Vec<IpAddr>,
+}
+
+impl Traffic {
+    pub fn start(
+        from: &Ns,
+        sources: &[IpAddr],
+        to: &Ns,
+        dst: IpAddr,
+        port: u16,
+        every_ms: u64,
+    ) -> Traffic {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let stop = Arc::new(AtomicBool::new(false));
+        let rx =
+            to.run(move || UdpSocket::bind(SocketAddr::new(dst, port)).expect("bind receiver"));
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let s2 = stop.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut got = std::collections::HashMap::new();
+            let mut buf = [0u8; 64];
+            let mut idle_after_stop = 0;
+            loop {
+                match rx.recv_from(&mut buf) {
+                    Ok((_, from)) => *got.entry(from.ip()).or_insert(0u32) += 1,
+                    Err(_) if s2.load(Ordering::Relaxed) => {
+                        idle_after_stop += 1;
+                        if idle_after_stop > 2 {
+                            return got;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        let s3 = stop.clone();
+        let srcs = sources.to_vec();
+        let path = from.path();
+        let sender = std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap();
+            // SAFETY: setns on this thread only.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let socks: Vec<UdpSocket> = srcs
+                .iter()
+                .map(|s| UdpSocket::bind(SocketAddr::new(*s, 0)).unwrap())
+                .collect();
+            let mut sent = vec![0u32; socks.len()];
+            while !s3.load(Ordering::Relaxed) {
+                for (i, s) in socks.iter().enumerate() {
+                    if s.send_to(&sent[i].to_be_bytes(), SocketAddr::new(dst, port))
+                        .is_ok()
+                    {
+                        sent[i] += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(every_ms));
+            }
+            sent
+        });
+        Traffic {
+            stop,
+            sender: Some(sender),
+            receiver: Some(receiver),
+            sources: sources.to_vec(),
+        }
+    }
+
+    pub fn stop(mut self) -> Vec<(IpAddr, u32, u32)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.sender.take().unwrap().join().unwrap();
+        let got = self.receiver.take().unwrap().join().unwrap();
+        self.sources
+            .iter()
+            .zip(sent)
+            .map(|(s, n)| (*s, n, got.get(s).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
+/// Poll `f` every 100 ms until it returns true, for at most `limit`. Waits
+/// for an outcome; it does not assert how long the outcome took.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}

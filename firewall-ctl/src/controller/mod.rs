@@ -3,5 +3,7 @@
 
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod discovery;
+pub mod file_source;
 pub mod state;

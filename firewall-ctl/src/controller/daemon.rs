@@ -1,0 +1,404 @@
+//! `firewall-ctl run`: the daemon loop, a thin adapter around the core.
+//!
+//! It is the only reader of the real clock. It feeds discovery results and
+//! time to the core, runs the commits the core asks for against the pinned
+//! maps (under the commit lock), reports their results back, and writes the
+//! state directory: `state.json` (persisted core state), `audit.jsonl`,
+//! `status.json`, and `metrics.prom` (Prometheus text format, for a textfile
+//! collector). SIGTERM or SIGINT stops it; the datapath keeps enforcing.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{
+    config::{Config, SourceConfig},
+    core::{Action, CommitResult, Core, CoreStatus},
+    discovery::Discovery,
+    file_source, state,
+};
+use crate::{
+    attach,
+    commit::{Committed, commit},
+    kernel::KernelStore,
+    lock::CommitLock,
+    store::StoreError,
+};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The file source: re-read on every change notification, and every
+/// `poll_ms` as a backstop (notify can miss events, e.g. on some filesystems).
+/// The channel holds one result: a slow core sees the latest data, not a backlog.
+fn spawn_file_source(
+    path: PathBuf,
+    poll_ms: u64,
+    max_bytes: u64,
+) -> anyhow::Result<(mpsc::Receiver<Discovery>, notify::RecommendedWatcher)> {
+    use notify::Watcher as _;
+    let (tx, rx) = mpsc::channel::<Discovery>(1);
+    let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let _ = wake_tx.try_send(());
+    })
+    .context("starting the file watcher")?;
+    // Watch the directory: editors and atomic writers replace the file by rename.
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ".".into());
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}: does the directory exist?", dir.display()))?;
+    tokio::spawn(async move {
+        loop {
+            let d = file_source::read(&path, max_bytes);
+            match tx.try_send(d) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+            tokio::select! {
+                _ = wake_rx.recv() => {}
+                _ = tokio::time::sleep(Duration::from_millis(poll_ms)) => {}
+            }
+        }
+    });
+    Ok((rx, watcher))
+}
+
+struct Metrics {
+    registry: Registry,
+    generation: Gauge,
+    peers: Gauge,
+    absent: Gauge,
+    held: Gauge,
+    frozen: Gauge,
+    synced: Gauge,
+    evictions: Gauge,
+    commits: Gauge,
+    failures: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("firewall");
+        let m = |r: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            r.register(name, help, g.clone());
+            g
+        };
+        Metrics {
+            generation: m(
+                &mut registry,
+                "committed_generation",
+                "Committed peer generation",
+            ),
+            peers: m(&mut registry, "peers", "Entries in the committed allowlist"),
+            absent: m(
+                &mut registry,
+                "absent_peers",
+                "Discovery peers absent and not yet evicted",
+            ),
+            held: m(
+                &mut registry,
+                "held_deletions",
+                "Evictions due but blocked by a guard",
+            ),
+            frozen: m(
+                &mut registry,
+                "deletions_frozen",
+                "1 while a guard freezes every deletion",
+            ),
+            synced: m(
+                &mut registry,
+                "synced",
+                "1 once a clean discovery result was seen since start",
+            ),
+            evictions: m(&mut registry, "evictions", "Evictions since start"),
+            commits: m(&mut registry, "commits", "Commits since start"),
+            failures: m(
+                &mut registry,
+                "commit_failures",
+                "Failed commits since start",
+            ),
+            registry,
+        }
+    }
+    fn update(&self, s: &CoreStatus) -> String {
+        self.generation.set(s.generation as i64);
+        self.peers.set(s.peers as i64);
+        self.absent.set(s.absent.len() as i64);
+        self.held.set(s.held.len() as i64);
+        self.frozen.set(i64::from(s.freeze.is_some()));
+        self.synced.set(i64::from(s.synced));
+        self.evictions.set(s.evictions_total as i64);
+        self.commits.set(s.commits_total as i64);
+        self.failures.set(s.commit_failures_total as i64);
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+struct Daemon {
+    cfg: Config,
+    core: Core,
+    store: KernelStore,
+    committed: Committed,
+    metrics: Metrics,
+    last_state: Vec<u8>,
+}
+
+impl Daemon {
+    fn audit(&self, v: serde_json::Value) {
+        if let Err(e) = state::audit(&self.cfg.state_dir, &v) {
+            tracing::error!("audit log: {e:#}");
+        }
+    }
+
+    /// Persist the core's state when it changed (fsync'd, atomic).
+    fn persist(&mut self) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.core.persisted())?;
+        if bytes != self.last_state {
+            state::write_atomic(&self.cfg.state_dir.join(state::STATE_FILE), &bytes)?;
+            self.last_state = bytes;
+        }
+        Ok(())
+    }
+
+    fn publish(&self, running: bool) {
+        let s = self.core.status();
+        let v = json!({"pid": std::process::id(), "running": running, "updated_ms": now_ms(), "core": s});
+        let _ = std::fs::write(
+            self.cfg.state_dir.join(state::STATUS_FILE),
+            serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        );
+        let _ = std::fs::write(
+            self.cfg.state_dir.join(state::METRICS_FILE),
+            self.metrics.update(&s),
+        );
+    }
+
+    fn readopt(&mut self, why: &str) -> anyhow::Result<()> {
+        let _lock = CommitLock::acquire(&self.cfg.pin_dir)?;
+        let (c, cleaned) = Committed::adopt(&mut self.store)?;
+        self.audit(json!({"ts_ms": now_ms(), "event": "resync", "why": why, "generation": c.generation, "peers": c.set.len(), "cleaned": cleaned}));
+        self.core.resync(c.set.clone(), c.generation);
+        self.committed = c;
+        Ok(())
+    }
+
+    /// Run every action the core has queued.
+    fn act(&mut self) -> anyhow::Result<()> {
+        while let Some(Action::Commit(plan)) = self.core.poll_action() {
+            // Persist before committing: whatever the commit does, the state a
+            // restart sees is at least as new as the decision behind it.
+            self.persist()?;
+            let lock = CommitLock::acquire(&self.cfg.pin_dir)?;
+            let r = commit(&mut self.store, &mut self.committed, plan.changes.clone());
+            drop(lock);
+            let now = now_ms();
+            match r {
+                Ok(rep) => {
+                    let generation = rep
+                        .as_ref()
+                        .map_or(self.committed.generation, |r| r.generation);
+                    self.core
+                        .handle_commit_result(now, CommitResult::Committed { generation });
+                    if let Some(rep) = rep {
+                        let evicted: Vec<_> = plan
+                            .evictions
+                            .iter()
+                            .map(|(n, a)| json!({"peer": n, "absent_since_ms": a.since_ms, "graceful": a.graceful}))
+                            .collect();
+                        let st = self.core.status();
+                        self.audit(json!({"ts_ms": now, "event": "commit", "generation": generation, "added": rep.added,
+                            "evicted": evicted, "held": st.held, "freeze": st.freeze, "gc_error": rep.gc_error}));
+                        tracing::info!(
+                            generation,
+                            added = rep.added.len(),
+                            evicted = evicted.len(),
+                            "committed"
+                        );
+                    }
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    self.readopt("the datapath changed under us (an operator edit?)")?
+                }
+                Err(e) => {
+                    tracing::warn!("commit failed: {e:#}");
+                    self.audit(
+                        json!({"ts_ms": now, "event": "commit_failed", "error": e.to_string()}),
+                    );
+                    self.core.handle_commit_result(
+                        now,
+                        CommitResult::Failed {
+                            reason: e.to_string(),
+                        },
+                    );
+                }
+            }
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    fn check_approval(&mut self) -> anyhow::Result<()> {
+        let path = self.cfg.state_dir.join(state::APPROVE_FILE);
+        let Some(req) = state::read_json::<serde_json::Value>(&path).unwrap_or(None) else {
+            return Ok(());
+        };
+        let _ = std::fs::remove_file(&path);
+        let list: Option<Vec<IpNet>> = req
+            .get("peers")
+            .and_then(|p| serde_json::from_value(p.clone()).ok());
+        let approved = self.core.approve(now_ms(), list.as_deref());
+        self.audit(json!({"ts_ms": now_ms(), "event": "approved", "peers": approved}));
+        tracing::warn!(count = approved.len(), "operator approved held deletions");
+        Ok(())
+    }
+}
+
+/// Attach to the configured interfaces that are not attached yet.
+fn ensure_attached(cfg: &Config) -> anyhow::Result<()> {
+    for iface in &cfg.interfaces {
+        if !attach::iface_dir(&cfg.pin_dir, iface).join("link").exists() {
+            let r = attach::attach(iface, attach::Mode::Auto, &cfg.pin_dir, false, None)?;
+            tracing::info!(iface, prog = r.prog_id, "attached");
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    crate::sys::check_privileges()?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    ensure_attached(&cfg)?;
+    let mut store = KernelStore::open(&cfg.pin_dir)?;
+    let (committed, cleaned) = {
+        let _lock = CommitLock::acquire(&cfg.pin_dir)?;
+        Committed::adopt(&mut store)?
+    };
+    let persisted = state::load(&cfg.state_dir)?;
+    let now = now_ms();
+    // Adopt the pinned datapath as the truth; timers come from the persisted state.
+    let core = Core::new(
+        cfg.guards.clone(),
+        committed.set.clone(),
+        committed.generation,
+        persisted,
+        now,
+    );
+    let mut d = Daemon {
+        core,
+        store,
+        committed,
+        metrics: Metrics::new(),
+        last_state: Vec::new(),
+        cfg,
+    };
+    d.audit(json!({"ts_ms": now, "event": "started", "pid": std::process::id(), "generation": d.committed.generation,
+        "peers": d.committed.set.len(), "cleaned_half_staged": cleaned}));
+    tracing::info!(
+        generation = d.committed.generation,
+        peers = d.committed.set.len(),
+        cleaned,
+        "adopted the pinned datapath"
+    );
+
+    let SourceConfig::File {
+        path,
+        poll_ms,
+        max_bytes,
+    } = d.cfg.discovery.clone();
+    let (mut rx, _watcher) = spawn_file_source(path, poll_ms, max_bytes)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let tick = Duration::from_millis(d.cfg.tick_ms);
+    loop {
+        let wait = d.core.poll_timeout().map_or(tick, |t| {
+            Duration::from_millis(t.saturating_sub(now_ms())).min(tick)
+        });
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(disc) => {
+                    if let Discovery::Failed { reason, .. } = &disc {
+                        tracing::warn!("discovery failed: {reason}");
+                    }
+                    d.core.handle_discovery(now_ms(), disc);
+                }
+                None => anyhow::bail!("the discovery source stopped"),
+            },
+            _ = tokio::time::sleep(wait) => d.core.handle_tick(now_ms()),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        d.check_approval()?;
+        d.persist()?;
+        d.act()?;
+        d.publish(true);
+    }
+    d.persist()?;
+    d.publish(false);
+    d.audit(json!({"ts_ms": now_ms(), "event": "stopped", "generation": d.committed.generation}));
+    tracing::info!(
+        "stopped; the datapath keeps enforcing generation {}",
+        d.committed.generation
+    );
+    Ok(())
+}
+
+/// `firewall-ctl plan`: what the controller would do with the source's data
+/// right now, without changing anything.
+pub fn plan(cfg: &Config) -> anyhow::Result<serde_json::Value> {
+    let mut store = KernelStore::open(&cfg.pin_dir)?;
+    let loaded = crate::store::PeerStore::load(&mut store)?;
+    let persisted = state::load(&cfg.state_dir)?;
+    let now = now_ms();
+    let mut core = Core::new(
+        cfg.guards.clone(),
+        loaded.set.clone(),
+        loaded.generation,
+        persisted,
+        now,
+    );
+    let SourceConfig::File {
+        path, max_bytes, ..
+    } = &cfg.discovery;
+    let disc = file_source::read(path, *max_bytes);
+    let kind = disc.kind();
+    let members = disc.members().len();
+    core.handle_discovery(now, disc);
+    let st = core.status();
+    let (adds, evictions) = match core.poll_action() {
+        Some(Action::Commit(p)) => (
+            p.changes.add.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            p.evictions,
+        ),
+        None => (vec![], vec![]),
+    };
+    Ok(json!({
+        "generation": loaded.generation,
+        "source": {"kind": kind, "members": members},
+        "would_add": adds,
+        "would_evict": evictions.iter().map(|(n, a)| json!({"peer": n, "absent_since_ms": a.since_ms, "graceful": a.graceful})).collect::<Vec<_>>(),
+        "held": st.held,
+        "freeze": st.freeze.as_ref().map(|f| f.describe()),
+        "absent_not_yet_due": st.absent.iter().filter(|a| a.evict_at_ms > now).collect::<Vec<_>>(),
+        "budget_limited": st.budget_limited,
+    }))
+}

@@ -1,0 +1,255 @@
+//! The file discovery source. A file that is missing, empty, half-written,
+//! malformed or oversized is `Failed`, never an empty member list.
+//!
+//! Two formats, told apart by their top-level key:
+//! - ours: `{"revision": 12, "complete": true, "healthy": true,
+//!   "peers": [{"addr": "198.18.0.7", "status": "alive"}, {"addr": "198.18.4.0/24"}]}`
+//!   (`status` defaults to alive; `complete: false` makes the result partial);
+//! - `serf members -format=json` output as it is:
+//!   `{"members": [{"name": "n1", "addr": "198.18.0.11:7946", "status": "alive", ...}]}`.
+
+use std::{net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+
+use super::discovery::{Discovery, Member, MemberStatus, SourceMeta};
+use crate::peers::parse_peer;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ours {
+    #[serde(default)]
+    revision: Option<u64>,
+    #[serde(default = "yes")]
+    complete: bool,
+    #[serde(default = "yes")]
+    healthy: bool,
+    #[serde(default)]
+    health_reason: Option<String>,
+    peers: Vec<OurPeer>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OurPeer {
+    addr: String,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SerfMembers {
+    members: Vec<SerfMember>,
+}
+
+#[derive(Deserialize)]
+struct SerfMember {
+    addr: String,
+    status: String,
+}
+
+pub fn status_of(s: &str) -> MemberStatus {
+    match s {
+        "alive" => MemberStatus::Alive,
+        "leaving" => MemberStatus::Leaving,
+        "left" => MemberStatus::Left,
+        "failed" => MemberStatus::Failed,
+        _ => MemberStatus::Unknown,
+    }
+}
+
+fn failed(reason: String) -> Discovery {
+    Discovery::Failed {
+        reason,
+        meta: SourceMeta::default(),
+    }
+}
+
+/// Read and interpret the file once.
+pub fn read(path: &Path, max_bytes: u64) -> Discovery {
+    let md = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return failed(format!("cannot read {}: {e}", path.display())),
+    };
+    if md.len() > max_bytes {
+        return failed(format!(
+            "{} is {} bytes, more than discovery.max_bytes = {max_bytes}",
+            path.display(),
+            md.len()
+        ));
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return failed(format!("cannot read {}: {e}", path.display())),
+    };
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return failed(format!("{} is empty (being written?)", path.display()));
+    }
+    let v: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            return failed(format!(
+                "{} is not valid JSON (half-written?): {e}",
+                path.display()
+            ));
+        }
+    };
+    let mut bad: Vec<String> = Vec::new();
+    if v.get("members").is_some() {
+        let m: SerfMembers = match serde_json::from_value(v) {
+            Ok(m) => m,
+            Err(e) => {
+                return failed(format!(
+                    "{}: not `serf members -format=json` output: {e}",
+                    path.display()
+                ));
+            }
+        };
+        let mut members = Vec::with_capacity(m.members.len());
+        for sm in m.members {
+            match sm
+                .addr
+                .parse::<SocketAddr>()
+                .map(|a| a.ip())
+                .or_else(|_| sm.addr.parse())
+            {
+                Ok(ip) => members.push(Member {
+                    net: ip.into(),
+                    status: status_of(&sm.status),
+                }),
+                Err(_) => bad.push(sm.addr),
+            }
+        }
+        let meta = SourceMeta {
+            revision: None,
+            healthy: true,
+            health_reason: None,
+        };
+        return finish(members, bad, true, meta);
+    }
+    if v.get("peers").is_some() {
+        let o: Ours = match serde_json::from_value(v) {
+            Ok(o) => o,
+            Err(e) => return failed(format!("{}: {e}", path.display())),
+        };
+        let mut members = Vec::with_capacity(o.peers.len());
+        for p in o.peers {
+            match parse_peer(&p.addr) {
+                Ok(net) => members.push(Member {
+                    net,
+                    status: status_of(p.status.as_deref().unwrap_or("alive")),
+                }),
+                Err(_) => bad.push(p.addr),
+            }
+        }
+        let meta = SourceMeta {
+            revision: o.revision,
+            healthy: o.healthy,
+            health_reason: o.health_reason,
+        };
+        return finish(members, bad, o.complete, meta);
+    }
+    failed(format!(
+        "{}: unrecognised format: expected {{\"peers\": [...]}} or `serf members -format=json` output",
+        path.display()
+    ))
+}
+
+fn finish(members: Vec<Member>, bad: Vec<String>, complete: bool, meta: SourceMeta) -> Discovery {
+    if bad.is_empty() && complete {
+        return Discovery::Complete { members, meta };
+    }
+    let mut reason = if complete {
+        String::new()
+    } else {
+        "the file says complete: false".to_string()
+    };
+    if !bad.is_empty() {
+        // Bounded: name the first few bad entries only.
+        let shown: Vec<&str> = bad.iter().take(5).map(String::as_str).collect();
+        reason = format!(
+            "{}{} invalid addresses skipped ({}{})",
+            if reason.is_empty() { "" } else { "; " },
+            bad.len(),
+            shown.join(", "),
+            if bad.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    Discovery::Partial {
+        members,
+        meta,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(text: &str) -> Discovery {
+        let dir =
+            std::env::temp_dir().join(format!("fw-src-{}-{}", std::process::id(), text.len()));
+        std::fs::write(&dir, text).unwrap();
+        let d = read(&dir, 1 << 20);
+        std::fs::remove_file(&dir).unwrap();
+        d
+    }
+
+    #[test]
+    fn formats_and_failures() {
+        let d = with(
+            r#"{"revision": 3, "peers": [{"addr": "198.18.0.7"}, {"addr": "198.18.4.0/24", "status": "left"}]}"#,
+        );
+        let Discovery::Complete { members, meta } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[1].status, MemberStatus::Left);
+        assert_eq!(meta.revision, Some(3));
+        let serf = r#"{"members":[{"name":"n1","addr":"198.18.0.11:7946","port":7946,"tags":{},"status":"alive","protocol":{"max":5,"min":2,"version":5}},
+                                {"name":"n2","addr":"[2001:2::12]:7946","port":7946,"tags":{},"status":"failed","protocol":{"max":5,"min":2,"version":5}}]}"#;
+        let Discovery::Complete { members, .. } = with(serf) else {
+            panic!()
+        };
+        assert_eq!(members[0].net.to_string(), "198.18.0.11/32");
+        assert_eq!(members[1].status, MemberStatus::Failed);
+        for bad in [
+            "",
+            "   \n",
+            "{\"peers\": [{\"addr\": \"198.18.0.7\"",
+            "[]",
+            "{\"peers\": [], \"extra\": 1}",
+        ] {
+            assert!(
+                matches!(with(bad), Discovery::Failed { .. }),
+                "{bad:?} must fail"
+            );
+        }
+        assert!(
+            matches!(with(r#"{"peers": []}"#), Discovery::Complete { ref members, .. } if members.is_empty())
+        );
+        let d = with(r#"{"peers": [{"addr": "198.18.0.7"}, {"addr": "nope"}]}"#);
+        assert!(
+            matches!(d, Discovery::Partial { ref reason, .. } if reason.contains("nope")),
+            "{d:?}"
+        );
+        assert!(matches!(
+            read(Path::new("/nonexistent/x.json"), 10),
+            Discovery::Failed { .. }
+        ));
+        let big = format!(
+            "{{\"peers\": [{}]}}",
+            vec!["{\"addr\": \"198.18.0.7\"}"; 100].join(",")
+        );
+        let p = std::env::temp_dir().join(format!("fw-big-{}", std::process::id()));
+        std::fs::write(&p, &big).unwrap();
+        assert!(
+            matches!(read(&p, 100), Discovery::Failed { ref reason, .. } if reason.contains("max_bytes"))
+        );
+        std::fs::remove_file(p).unwrap();
+    }
+}
