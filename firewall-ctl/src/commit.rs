@@ -13,6 +13,10 @@ use crate::{
 pub struct Committed {
     pub generation: u64,
     pub set: PeerSet,
+    /// The CIDR entries of `set` (bounded by MAX_CIDRS), kept apart so a commit
+    /// never scans the whole set: a one-peer change into a million-peer set
+    /// stays O(log N).
+    pub cidrs: PeerSet,
     pub digest: Digest,
 }
 
@@ -26,10 +30,17 @@ impl Committed {
             0
         };
         let digest = Digest::of(&loaded.set);
+        let cidrs = loaded
+            .set
+            .iter()
+            .filter(|(n, _)| !is_exact(n))
+            .map(|(n, o)| (*n, *o))
+            .collect();
         Ok((
             Committed {
                 generation: loaded.generation,
                 set: loaded.set,
+                cidrs,
                 digest,
             },
             cleaned,
@@ -82,24 +93,23 @@ pub fn commit(
         return Ok(None);
     }
     let generation = current.generation + 1;
-    let mut next = current.set.clone();
     let mut digest = current.digest;
+    let mut cidrs = current.cidrs.clone();
     for n in &changes.remove {
-        if let Some(o) = next.remove(n) {
-            digest.remove(n, o);
+        if let Some(o) = current.set.get(n) {
+            digest.remove(n, *o);
         }
+        cidrs.remove(n);
     }
     for (n, o) in &changes.add {
-        if let Some(old) = next.insert(*n, *o) {
-            digest.remove(n, old);
+        if let Some(old) = current.set.get(n) {
+            digest.remove(n, *old);
         }
         digest.add(n, *o);
+        if !is_exact(n) {
+            cidrs.insert(*n, *o);
+        }
     }
-    let cidrs: PeerSet = next
-        .iter()
-        .filter(|(n, _)| !is_exact(n))
-        .map(|(n, o)| (*n, *o))
-        .collect();
 
     let staged = store
         .stage(generation, &changes, &cidrs)
@@ -110,6 +120,15 @@ pub fn commit(
         return Err(e);
     }
     // From here on the new generation is what packets see.
+    for n in &changes.remove {
+        current.set.remove(n);
+    }
+    for (n, o) in &changes.add {
+        current.set.insert(*n, *o);
+    }
+    current.generation = generation;
+    current.cidrs = cidrs;
+    current.digest = digest;
     let removed_exact: Vec<IpNet> = changes
         .remove
         .iter()
@@ -120,11 +139,6 @@ pub fn commit(
         .gc(generation, &removed_exact)
         .err()
         .map(|e| e.to_string());
-    *current = Committed {
-        generation,
-        set: next,
-        digest,
-    };
     Ok(Some(CommitReport {
         generation,
         added: changes.add.iter().map(|(n, _)| *n).collect(),

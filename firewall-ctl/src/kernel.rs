@@ -384,24 +384,41 @@ impl KernelStore {
         Ok(out)
     }
 
-    /// Digest of everything visible at `generation`, from a full read-back.
-    pub fn digest_at(&self, generation: u64) -> Result<(Digest, PeerSet), StoreError> {
+    /// Everything visible at `generation`, from a full read-back.
+    pub fn set_at(&self, generation: u64) -> Result<PeerSet, StoreError> {
         let (a, b) = self.dump_exact()?;
         let mut set = PeerSet::new();
         for (k, v) in a.iter().filter(|(_, v)| v.visible_at(generation)) {
-            set.insert(
-                IpNet::V4(ipnet::Ipv4Net::from(std::net::Ipv4Addr::from(k.addr))),
+            set.insert(IpNet::V4(std::net::Ipv4Addr::from(k.addr).into()), v.origin);
+        }
+        for (k, v) in b.iter().filter(|(_, v)| v.visible_at(generation)) {
+            set.insert(IpNet::V6(std::net::Ipv6Addr::from(k.addr).into()), v.origin);
+        }
+        set.extend(self.dump_cidrs((generation & 1) as usize)?);
+        Ok(set)
+    }
+
+    /// Count and checksum of everything visible at `generation`, from a full
+    /// read-back, without building the set.
+    pub fn digest_at(&self, generation: u64) -> Result<Digest, StoreError> {
+        let (a, b) = self.dump_exact()?;
+        let mut d = Digest::default();
+        for (k, v) in a.iter().filter(|(_, v)| v.visible_at(generation)) {
+            d.add(
+                &IpNet::V4(std::net::Ipv4Addr::from(k.addr).into()),
                 v.origin,
             );
         }
         for (k, v) in b.iter().filter(|(_, v)| v.visible_at(generation)) {
-            set.insert(
-                IpNet::V6(ipnet::Ipv6Net::from(std::net::Ipv6Addr::from(k.addr))),
+            d.add(
+                &IpNet::V6(std::net::Ipv6Addr::from(k.addr).into()),
                 v.origin,
             );
         }
-        set.extend(self.dump_cidrs((generation & 1) as usize)?);
-        Ok((Digest::of(&set), set))
+        for (n, o) in self.dump_cidrs((generation & 1) as usize)? {
+            d.add(&n, o);
+        }
+        Ok(d)
     }
 
     /// Every entry visible at the committed generation, with hit counts for
@@ -509,7 +526,7 @@ impl PeerStore for KernelStore {
             .chain(b.iter().map(|(_, v)| v))
             .filter(|v| !v.visible_at(generation) || v.removed_gen != GEN_NEVER)
             .count() as u64;
-        let (_, set) = self.digest_at(generation)?;
+        let set = self.set_at(generation)?;
         Ok(Loaded {
             generation,
             set,
@@ -678,7 +695,7 @@ impl PeerStore for KernelStore {
         // checksum of the whole generation); a small one entry by entry, so a
         // one-peer change into a million-peer set stays O(1).
         if changes.add.len() + changes.remove.len() > 1024 {
-            let (d, _) = self.digest_at(generation)?;
+            let d = self.digest_at(generation)?;
             if d != expected {
                 return fail(format!(
                     "read back {} entries with checksum {:#x}, expected {} with {:#x}",

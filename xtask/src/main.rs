@@ -301,8 +301,9 @@ fn main() {
                 .and_then(|()| build_release())
                 .and_then(|()| match what {
                     "datapath" => lab(&["bench-datapath"]),
-                    "all" => lab(&["bench-datapath"]),
-                    other => bail!("unknown benchmark `{other}`: use datapath or all"),
+                    "controller" => lab(&["bench-controller"]),
+                    "all" => lab(&["bench-datapath"]).and_then(|()| lab(&["bench-controller"])),
+                    other => bail!("unknown benchmark `{other}`: use datapath, controller or all"),
                 })
         }
         Some("sim") => setup().and_then(|()| {
@@ -324,7 +325,7 @@ fn main() {
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test [cargo test args] | demo | bench [datapath|all] | sim --seeds N [--seed S]>"
+                "usage: cargo xtask <setup | test [cargo test args] | demo | bench [datapath|controller|all] | sim --seeds N [--seed S]>"
             );
             exit(2);
         }

@@ -23,8 +23,9 @@ fn main() {
     let r = match args.first().map(String::as_str) {
         Some("demo") => demo(),
         Some("bench-datapath") => bench_datapath(),
+        Some("bench-controller") => bench_controller(),
         _ => {
-            eprintln!("usage: firewall-lab <demo | bench-datapath>");
+            eprintln!("usage: firewall-lab <demo | bench-datapath | bench-controller>");
             std::process::exit(2);
         }
     };
@@ -339,4 +340,174 @@ fn reopen(ebpf: &mut aya::Ebpf, name: &str) -> Xdp {
     let x = Xdp::from_pin(&path, aya_obj_attach()).expect("reopen program");
     let _ = std::fs::remove_file(&path);
     x
+}
+
+fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage fills a struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_maxrss as f64 / 1024.0
+}
+
+fn v6_peer(i: u32) -> ipnet::IpNet {
+    ipnet::IpNet::V6(
+        Ipv6Addr::new(0x2001, 2, 0, 0x100 + (i >> 16) as u16, 0, 0, 0, i as u16).into(),
+    )
+}
+
+/// Commits of 1k, 100k and 1M peers through the full stage/verify/flip path,
+/// against the raw BPF_MAP_UPDATE_BATCH floor on a map of the same kind in
+/// the same run, plus single-peer changes into a 1M set and peak RSS.
+fn bench_controller() -> anyhow::Result<()> {
+    use firewall_ctl::{
+        commit::{Committed, commit},
+        kernel::KernelStore,
+        peers::{Changes, DISCOVERY},
+    };
+    use std::time::Instant;
+    if !kernel_available("bench-controller") {
+        bail!("the benchmark needs root and the XDP object");
+    }
+    let ns = Ns::new("fwbc");
+    ns.sh_ok("ip link add xca type veth peer name xcb && ip link add xfa type veth peer name xfb && ip link set xca up && ip link set xfa up");
+    let (pins, floor_pins) = (PinDir::new(), PinDir::new());
+    let (p1, p2) = (pins.path.clone(), floor_pins.path.clone());
+    ns.run(move || -> anyhow::Result<()> {
+        firewall_ctl::attach::attach(
+            "xca",
+            firewall_ctl::attach::Mode::Auto,
+            &p1,
+            false,
+            Some(1_100_000),
+        )?;
+        firewall_ctl::attach::attach(
+            "xfa",
+            firewall_ctl::attach::Mode::Auto,
+            &p2,
+            false,
+            Some(1_100_000),
+        )?;
+        Ok(())
+    })?;
+    let floor_map = aya::maps::MapData::from_pin(floor_pins.path.join("PEERS_V6"))?;
+    let mut store = KernelStore::open(&pins.path)?;
+    println!(
+        "commit = stage (batch update) + verify (read-back: per entry up to 1,024 changes, full count+checksum above) + flip + collect"
+    );
+    println!(
+        "floor  = one BPF_MAP_UPDATE_BATCH of the same entries into an identical map, same run\n"
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>8} {:>10}",
+        "commit", "ours ms", "floor ms", "ratio", "goal"
+    );
+    let mut worst_full = 0f64;
+    for n in [1_000u32, 100_000, 1_000_000] {
+        let (mut cur, _) = Committed::adopt(&mut store)?;
+        let changes = Changes {
+            add: (0..n).map(|i| (v6_peer(i), DISCOVERY)).collect(),
+            remove: vec![],
+        };
+        let t = Instant::now();
+        commit(&mut store, &mut cur, changes)?;
+        let ours = t.elapsed().as_secs_f64() * 1e3;
+        let keys: Vec<firewall_common::PeerV6Key> = (0..n)
+            .map(|i| match v6_peer(i) {
+                ipnet::IpNet::V6(a) => firewall_common::PeerV6Key {
+                    addr: a.addr().octets(),
+                },
+                _ => unreachable!(),
+            })
+            .collect();
+        let vals = vec![
+            PeerVal {
+                added_gen: 1,
+                removed_gen: GEN_NEVER,
+                hits: 0,
+                origin: 2,
+                _pad: 0
+            };
+            n as usize
+        ];
+        let t = Instant::now();
+        firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &vals)
+            .map_err(|(_, e)| e)?;
+        let floor = t.elapsed().as_secs_f64() * 1e3;
+        firewall_ctl::batch::delete(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys)?;
+        worst_full = worst_full.max(ours / floor);
+        println!(
+            "{:<28} {:>12.1} {:>12.1} {:>8.2} {:>10}",
+            format!("full sync, {n} peers"),
+            ours,
+            floor,
+            ours / floor,
+            "<= 3x"
+        );
+        if n == 1_000_000 {
+            // Single-peer changes into the 1M set: add one, remove it, 20 times.
+            let mut times = Vec::new();
+            for k in 0..20u32 {
+                let p = v6_peer(2_000_000 + k);
+                let t = Instant::now();
+                commit(
+                    &mut store,
+                    &mut cur,
+                    Changes {
+                        add: vec![(p, DISCOVERY)],
+                        remove: vec![],
+                    },
+                )?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                commit(
+                    &mut store,
+                    &mut cur,
+                    Changes {
+                        add: vec![],
+                        remove: vec![p],
+                    },
+                )?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "{:<28} {:>12.2} {:>12} {:>8} {:>10}",
+                "1 change into 1M (median)",
+                times[times.len() / 2],
+                "-",
+                "-",
+                "<= 10 ms"
+            );
+            println!(
+                "{:<28} {:>12.2} {:>12} {:>8} {:>10}",
+                "1 change into 1M (max)",
+                times[times.len() - 1],
+                "-",
+                "-",
+                ""
+            );
+            println!(
+                "\npeak RSS with 1M peers committed: {:.0} MB (goal <= 200 MB)",
+                peak_rss_mb()
+            );
+        }
+        // Back to empty for the next size.
+        let all: Vec<_> = cur.set.keys().copied().collect();
+        commit(
+            &mut store,
+            &mut cur,
+            Changes {
+                add: vec![],
+                remove: all,
+            },
+        )?;
+    }
+    println!("worst full-sync ratio: {worst_full:.2}x (goal <= 3x)");
+    let dir = pins.path.clone();
+    let fdir = floor_pins.path.clone();
+    ns.run(move || {
+        let _ = firewall_ctl::attach::detach("xca", &dir, true);
+        let _ = firewall_ctl::attach::detach("xfa", &fdir, true);
+    });
+    Ok(())
 }
