@@ -690,6 +690,9 @@ impl PeerStore for KernelStore {
         cidrs: &PeerSet,
         expected: Digest,
     ) -> Result<(), StoreError> {
+        if let Some(ms) = crate::failpoint("stage-to-flip-delay-ms") {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let fail = |what: String| Err(StoreError::Verify { generation, what });
         // A large change is verified against a full read-back (count and
         // checksum of the whole generation); a small one entry by entry, so a

@@ -31,3 +31,25 @@ pub fn ebpf_obj() -> Result<&'static [u8], NoEbpf> {
         Ok(EBPF_OBJ)
     }
 }
+
+/// Fault injection for the kill tests, read once from the environment:
+/// `FIREWALL_CTL_FAILPOINTS="stage-to-flip-delay-ms=200"`. Only that name
+/// exists: it widens the window between stage and flip so a SIGKILL can be
+/// made to land inside it. Unset (production), it costs one `OnceLock` read.
+pub fn failpoint(name: &str) -> Option<u64> {
+    static POINTS: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
+    POINTS
+        .get_or_init(|| {
+            std::env::var("FIREWALL_CTL_FAILPOINTS")
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .and_then(|(k, v)| Some((k.trim().to_string(), v.trim().parse().ok()?)))
+                })
+                .collect()
+        })
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| *v)
+}

@@ -580,7 +580,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(ns: &Ns, config: &Path, state_dir: &Path) -> Daemon {
-        let log = File::create(state_dir.join("daemon.log")).unwrap();
+        Daemon::start_env(ns, config, state_dir, &[])
+    }
+    pub fn start_env(ns: &Ns, config: &Path, state_dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(state_dir.join("daemon.log"))
+            .unwrap();
         // nsenter execs firewall-ctl in place (no fork for a net namespace), so
         // the child's PID is the daemon's.
         let child = Command::new("nsenter")
@@ -589,6 +596,7 @@ impl Daemon {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -191,7 +191,10 @@ fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
         &p.a_if,
         "grace_ms = 300\ngraceful_grace_ms = 300\nmax_shrink_fraction = 1.0\nmax_shrink_count = 100000\nevict_burst = 100000\nevict_rate_per_min = 6000000\nevict_max_per_window = 1000000",
     );
-    let mut d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
+    // The failpoint holds each commit 150 ms between stage and flip, so the
+    // kills below land inside that window rather than by luck.
+    let fp = [("FIREWALL_CTL_FAILPOINTS", "stage-to-flip-delay-ms=150")];
+    let mut d = Daemon::start_env(&p.a, &cfg, &dir.0.join("state"), &fp);
     assert!(
         wait_for(Duration::from_secs(20), || peer_list(&p, &pins).len() == 3),
         "{}",
@@ -222,7 +225,7 @@ fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
     let mut kills = 0;
     let mut mid_stage = 0;
     let mut seed = 12345u64;
-    while kills < 40 && (kills < 12 || mid_stage < 3) {
+    while kills < 30 && (kills < 12 || mid_stage < 6) {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -269,7 +272,7 @@ fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
                 "live peer {l} missing after kill {kills}"
             );
         }
-        d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
+        d = Daemon::start_env(&p.a, &cfg, &dir.0.join("state"), &fp);
     }
     assert!(
         mid_stage > 0,
@@ -284,7 +287,7 @@ fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
     let starts = audit.iter().filter(|e| e["event"] == "started").count();
     let commits = audit.iter().filter(|e| e["event"] == "commit").count();
     assert!(
-        starts > kills && commits >= 20,
+        starts > kills && commits >= 5,
         "starts {starts}, commits {commits}"
     );
     let cleaned: u64 = audit

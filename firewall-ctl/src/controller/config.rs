@@ -107,6 +107,9 @@ pub enum SourceConfig {
         #[serde(default = "default_max_bytes")]
         max_bytes: u64,
     },
+    /// The local Serf agent's RPC: `rpc_addr`, `tags` (a topology scope),
+    /// `poll_ms`, `auth_key`.
+    Serf(super::serf::SerfConfig),
 }
 
 fn default_poll_ms() -> u64 {

@@ -320,12 +320,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "adopted the pinned datapath"
     );
 
-    let SourceConfig::File {
-        path,
-        poll_ms,
-        max_bytes,
-    } = d.cfg.discovery.clone();
-    let (mut rx, _watcher) = spawn_file_source(path, poll_ms, max_bytes)?;
+    let (mut rx, _watcher) = match d.cfg.discovery.clone() {
+        SourceConfig::File {
+            path,
+            poll_ms,
+            max_bytes,
+        } => {
+            let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
+            (rx, Some(w))
+        }
+        SourceConfig::Serf(sc) => (super::serf::spawn(sc, d.cfg.guards.max_members), None),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let tick = Duration::from_millis(d.cfg.tick_ms);
@@ -376,10 +381,20 @@ pub fn plan(cfg: &Config) -> anyhow::Result<serde_json::Value> {
         persisted,
         now,
     );
-    let SourceConfig::File {
-        path, max_bytes, ..
-    } = &cfg.discovery;
-    let disc = file_source::read(path, *max_bytes);
+    let disc = match &cfg.discovery {
+        SourceConfig::File {
+            path, max_bytes, ..
+        } => file_source::read(path, *max_bytes),
+        SourceConfig::Serf(sc) => {
+            let mut c = super::serf::Conn::connect(
+                &sc.rpc_addr,
+                sc.auth_key.as_deref(),
+                Some(Duration::from_secs(5)),
+            )?;
+            let me = c.self_name()?;
+            super::serf::to_discovery(c.members_filtered(&sc.tags)?, &me, cfg.guards.max_members)
+        }
+    };
     let kind = disc.kind();
     let members = disc.members().len();
     core.handle_discovery(now, disc);

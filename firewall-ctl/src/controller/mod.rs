@@ -6,4 +6,5 @@ pub mod core;
 pub mod daemon;
 pub mod discovery;
 pub mod file_source;
+pub mod serf;
 pub mod state;
