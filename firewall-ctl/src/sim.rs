@@ -58,6 +58,7 @@ pub fn guards() -> Guards {
         evict_window_ms: 600_000,
         max_members: 10_000,
         retry_ms: 500,
+        naive: false,
     }
 }
 

@@ -3,6 +3,8 @@
 //! panics), traffic generators that run inside a namespace, and a
 //! BPF_PROG_TEST_RUN harness over a fresh, unpinned copy of the program.
 
+pub mod lab;
+
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr, TcpListener, UdpSocket},

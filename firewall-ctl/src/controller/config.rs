@@ -29,6 +29,11 @@ pub struct Guards {
     pub max_members: usize,
     /// First retry delay after a failed commit; doubles up to 30 s.
     pub retry_ms: u64,
+    /// FOR COMPARISON ONLY (the incident replay): behave like the orchestrator
+    /// in the post-mortem. Every result is taken at face value, an absent peer
+    /// is deleted at once, no guard, no budget, no first-sync gate. Never set
+    /// this in production.
+    pub naive: bool,
 }
 
 impl Default for Guards {
@@ -44,6 +49,7 @@ impl Default for Guards {
             evict_window_ms: 600_000,
             max_members: 1_000_000,
             retry_ms: 500,
+            naive: false,
         }
     }
 }

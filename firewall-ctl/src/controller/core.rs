@@ -371,6 +371,9 @@ impl Core {
 
     pub fn handle_discovery(&mut self, now: u64, d: Discovery) {
         self.set_now(now);
+        if self.g.naive {
+            return self.handle_naively(d);
+        }
         let d = self.validate(d);
         let meta: SourceMeta = d.meta().clone();
         self.last_result = Some(format!(
@@ -466,6 +469,31 @@ impl Core {
         self.plan();
     }
 
+    /// The post-mortem's orchestrator, for the side-by-side replay: whatever
+    /// members a result lists are the fleet; everyone else goes, now.
+    fn handle_naively(&mut self, d: Discovery) {
+        self.last_result = Some(format!("{} with {} members at {} (naive)", d.kind(), d.members().len(), self.now));
+        if let Discovery::Failed { .. } = d {
+            return;
+        }
+        let present: BTreeSet<IpNet> = d.members().iter().filter(|m| m.status.present()).map(|m| m.net).collect();
+        for n in &present {
+            self.absent.remove(n);
+            if !self.committed.contains_key(n) {
+                self.pending_adds.insert(*n, DISCOVERY);
+            }
+        }
+        let now = self.now;
+        for (n, o) in &self.committed {
+            if *o == DISCOVERY && !present.contains(n) {
+                self.absent.entry(*n).or_insert(Absence { since_ms: now, graceful: false });
+            }
+        }
+        self.freeze = None;
+        self.synced = true;
+        self.plan();
+    }
+
     pub fn handle_tick(&mut self, now: u64) {
         self.set_now(now);
         self.plan();
@@ -539,7 +567,9 @@ impl Core {
     }
 
     fn grace(&self, a: &Absence) -> u64 {
-        if a.graceful {
+        if self.g.naive {
+            0
+        } else if a.graceful {
             self.g.graceful_grace_ms
         } else {
             self.g.grace_ms
@@ -575,9 +605,9 @@ impl Core {
                 Some(Freeze::Shrink { .. }) => !self.approved.contains(&n),
                 Some(_) => true,
             };
-            if blocked {
+            if blocked && !self.g.naive {
                 self.held.insert(n);
-            } else if self.budget.take(&self.g, self.now) {
+            } else if self.g.naive || self.budget.take(&self.g, self.now) {
                 evictions.push((n, a));
             } else {
                 self.budget_limited += 1;

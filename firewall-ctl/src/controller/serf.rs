@@ -260,7 +260,7 @@ fn default_poll() -> u64 {
 }
 
 /// Turn a member list into a discovery result, applying the health rule.
-pub fn to_discovery(members: Vec<SerfMember>, self_name: &str, max_members: usize) -> Discovery {
+pub fn to_discovery(members: Vec<SerfMember>, self_name: &str, max_members: usize, naive: bool) -> Discovery {
     if members.len() > max_members {
         return Discovery::Failed {
             reason: format!("{} members exceed guards.max_members", members.len()),
@@ -271,7 +271,9 @@ pub fn to_discovery(members: Vec<SerfMember>, self_name: &str, max_members: usiz
         .iter()
         .filter(|m| m.name != self_name && m.status == "alive")
         .count();
-    if others_alive == 0 {
+    // The naive comparison mode takes a self-only view at face value, as the
+    // post-mortem's orchestrator did.
+    if others_alive == 0 && !naive {
         return Discovery::Failed {
             reason: format!(
                 "the Serf agent `{self_name}` sees no other alive member (restarted with its seeds down, or partitioned)"
@@ -312,14 +314,14 @@ pub fn to_discovery(members: Vec<SerfMember>, self_name: &str, max_members: usiz
 /// Run the source on its own threads (blocking sockets: see Conn::connect),
 /// handing results to the daemon. Reconnects with exponential backoff; every
 /// failure is sent as a failed result.
-pub fn spawn(cfg: SerfConfig, max_members: usize) -> mpsc::Receiver<Discovery> {
+pub fn spawn(cfg: SerfConfig, max_members: usize, naive: bool) -> mpsc::Receiver<Discovery> {
     let (tx, rx) = mpsc::channel::<Discovery>(1);
     std::thread::Builder::new()
         .name("serf-source".into())
         .spawn(move || {
             let mut backoff_ms = 100u64;
             loop {
-                let err = match session(&cfg, max_members, &tx) {
+                let err = match session(&cfg, max_members, naive, &tx) {
                     Ok(()) => return, // the daemon went away
                     Err(e) => e,
                 };
@@ -343,6 +345,7 @@ pub fn spawn(cfg: SerfConfig, max_members: usize) -> mpsc::Receiver<Discovery> {
 fn session(
     cfg: &SerfConfig,
     max_members: usize,
+    naive: bool,
     tx: &mpsc::Sender<Discovery>,
 ) -> Result<(), SerfError> {
     let mut conn = Conn::connect(
@@ -379,7 +382,7 @@ fn session(
         .expect("spawn stream thread");
     loop {
         let members = conn.members_filtered(&cfg.tags)?;
-        let d = to_discovery(members, &me, max_members);
+        let d = to_discovery(members, &me, max_members, naive);
         match tx.try_send(d) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
             Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
@@ -413,7 +416,7 @@ mod tests {
     #[test]
     fn health_and_mapping() {
         assert!(matches!(
-            to_discovery(vec![m("n1", [198, 18, 0, 11], "alive")], "n1", 10),
+            to_discovery(vec![m("n1", [198, 18, 0, 11], "alive")], "n1", 10, false),
             Discovery::Failed { .. }
         ));
         assert!(matches!(
@@ -423,7 +426,8 @@ mod tests {
                     m("n2", [198, 18, 0, 12], "failed")
                 ],
                 "n1",
-                10
+                10,
+                false
             ),
             Discovery::Failed { .. }
         ));
@@ -435,6 +439,7 @@ mod tests {
             ],
             "n1",
             10,
+            false,
         );
         let Discovery::Complete { members, .. } = d else {
             panic!()
@@ -447,7 +452,7 @@ mod tests {
         let mapped = member_ip(&Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()).unwrap();
         assert_eq!(mapped, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)));
         assert!(matches!(
-            to_discovery(vec![m("a", [1, 1, 1, 1], "alive"); 11], "x", 10),
+            to_discovery(vec![m("a", [1, 1, 1, 1], "alive"); 11], "x", 10, false),
             Discovery::Failed { .. }
         ));
     }

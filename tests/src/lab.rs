@@ -1,0 +1,301 @@
+//! The multi-node lab: N nodes in network namespaces on a bridge. Node k is
+//! 198.18.0.(10+k) on its `eth0`, runs a Serf agent (RPC 127.0.0.1:7373 inside
+//! its namespace), the firewall attached to `eth0`, and the controller with
+//! Serf discovery. The compiled-in overlay covers the gossip port, so Serf
+//! keeps working whatever the peer maps hold.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::{Daemon, Ns, PinDir, TempDir, fwctl, sh_ok, unique};
+
+pub const MESH_PORT: u16 = 6000;
+
+pub struct Node {
+    pub k: u8,
+    pub ns: Ns,
+    pub ip: IpAddr,
+    pub port: String,
+    pub pins: PinDir,
+    pub dir: PathBuf,
+    pub serf: Option<Child>,
+    pub ctl: Option<Daemon>,
+}
+
+impl Node {
+    pub fn name(&self) -> String {
+        format!("n{}", self.k)
+    }
+}
+
+pub struct Lab {
+    pub br: Ns,
+    pub nodes: Vec<Node>,
+    pub root: TempDir,
+    pub guards: String,
+}
+
+pub fn node_ip(k: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10 + k))
+}
+
+impl Lab {
+    /// Build `n` nodes (no agents started yet). `guards` is the `[guards]`
+    /// table body of every node's controller config.
+    pub fn new(n: u8, guards: &str) -> Lab {
+        let br = Ns::new("fwlbr");
+        br.sh_ok("ip link add br0 type bridge && ip link set br0 up");
+        let mut lab = Lab { br, nodes: Vec::new(), root: TempDir::new(), guards: guards.to_string() };
+        for k in 1..=n {
+            lab.add_node(k);
+        }
+        lab
+    }
+
+    pub fn add_node(&mut self, k: u8) {
+        let ns = Ns::new("fwln");
+        let port = unique("lp");
+        sh_ok(&format!("ip link add eth0 netns {} type veth peer name {port} netns {}", ns.name, self.br.name));
+        self.br.sh_ok(&format!("ip link set {port} master br0 && ip link set {port} up"));
+        let ip = node_ip(k);
+        ns.sh_ok(&format!("ip addr add {ip}/24 dev eth0 && ip link set eth0 up"));
+        let dir = self.root.0.join(format!("n{k}"));
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let pins = PinDir::new();
+        std::fs::write(
+            dir.join("serf.json"),
+            serde_json::json!({"node_name": format!("n{k}"), "bind": format!("{ip}:7946"), "rpc_addr": "127.0.0.1:7373",
+                "reconnect_interval": "2s", "profile": "lan"})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("firewall.toml"),
+            format!(
+                "interfaces = [\"eth0\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"serf\"\nrpc_addr = \"127.0.0.1:7373\"\npoll_ms = 100\n[guards]\n{}\n",
+                pins.path.display(),
+                dir.join("state").display(),
+                self.guards
+            ),
+        )
+        .unwrap();
+        self.nodes.push(Node { k, ns, ip, port, pins, dir, serf: None, ctl: None });
+    }
+
+    pub fn node(&self, k: u8) -> &Node {
+        self.nodes.iter().find(|n| n.k == k).expect("node")
+    }
+    fn node_mut(&mut self, k: u8) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.k == k).expect("node")
+    }
+
+    /// Start node k's Serf agent, joining `seeds` (retrying for ever).
+    pub fn start_serf(&mut self, k: u8, seeds: &[u8]) {
+        let n = self.node_mut(k);
+        let log = File::options().create(true).append(true).open(n.dir.join("serf.log")).unwrap();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", n.ns.path().display()))
+            .args(["serf", "agent", "-config-file"])
+            .arg(n.dir.join("serf.json"))
+            .args(["-retry-interval", "1s", "-retry-max", "0"]);
+        for s in seeds {
+            cmd.arg("-retry-join").arg(format!("{}:7946", node_ip(*s)));
+        }
+        n.serf = Some(cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("spawn serf (run `cargo xtask setup`)"));
+    }
+
+    /// SIGKILL node k's agent (our child, by PID).
+    pub fn kill_serf(&mut self, k: u8) {
+        if let Some(mut c) = self.node_mut(k).serf.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_ctl(&mut self, k: u8) {
+        let n = self.node_mut(k);
+        n.ctl = Some(Daemon::start(&n.ns, &n.dir.join("firewall.toml"), &n.dir.join("state")));
+    }
+
+    pub fn kill_ctl(&mut self, k: u8) {
+        if let Some(mut d) = self.node_mut(k).ctl.take() {
+            d.kill(libc::SIGKILL);
+        }
+    }
+
+    /// (name, status) of every member node k's agent knows.
+    pub fn serf_members(&self, k: u8) -> Vec<(String, String)> {
+        let o = self.node(k).ns.sh("serf members -rpc-addr 127.0.0.1:7373 -format json");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| (m["name"].as_str().unwrap_or("").to_string(), m["status"].as_str().unwrap_or("").to_string()))
+            .collect()
+    }
+
+    /// The peers node k's datapath allows (empty until its controller attached).
+    pub fn allowed(&self, k: u8) -> Vec<IpAddr> {
+        let n = self.node(k);
+        let o = fwctl(&n.ns, &n.pins, "peers list --json");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["peer"].as_str()?.split('/').next()?.parse().ok())
+            .collect()
+    }
+
+    pub fn audit(&self, k: u8) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.node(k).dir.join("state/audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Evictions node k's controller recorded.
+    pub fn evictions(&self, k: u8) -> Vec<(String, u64, u64)> {
+        self.audit(k)
+            .iter()
+            .filter(|e| e["event"] == "commit")
+            .flat_map(|e| {
+                let ts = e["ts_ms"].as_u64().unwrap_or(0);
+                e["evicted"].as_array().cloned().unwrap_or_default().into_iter().map(move |v| {
+                    (v["peer"].as_str().unwrap_or("").to_string(), v["absent_since_ms"].as_u64().unwrap_or(0), ts)
+                })
+            })
+            .collect()
+    }
+
+    /// A silent partition of node k: the bridge drops its frames (nftables).
+    pub fn partition(&self, k: u8) {
+        let port = &self.node(k).port;
+        self.br.sh_ok(&format!(
+            "nft add table bridge fwpart{k} && nft add chain bridge fwpart{k} fwd '{{ type filter hook forward priority 0; }}' && \
+             nft add rule bridge fwpart{k} fwd iifname {port} drop && nft add rule bridge fwpart{k} fwd oifname {port} drop"
+        ));
+    }
+
+    pub fn heal(&self, k: u8) {
+        self.br.sh_ok(&format!("nft delete table bridge fwpart{k}"));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let ks: Vec<u8> = self.nodes.iter().map(|n| n.k).collect();
+        for k in ks {
+            self.kill_ctl(k);
+            self.kill_serf(k);
+        }
+    }
+}
+
+/// Continuous UDP between every pair of nodes, recording every send and
+/// receive with its time, for loss accounting and the timeline.
+pub struct Mesh {
+    pub t0: Instant,
+    stop: Arc<AtomicBool>,
+    sending: BTreeMap<u8, Arc<AtomicBool>>,
+    threads: Vec<JoinHandle<()>>,
+    /// (ms since t0, src k, dst k, received?)
+    pub log: Arc<Mutex<Vec<(u64, u8, u8, bool)>>>,
+}
+
+impl Mesh {
+    pub fn start(lab: &Lab, every_ms: u64) -> Mesh {
+        let t0 = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let ips: Vec<(u8, IpAddr)> = lab.nodes.iter().map(|n| (n.k, n.ip)).collect();
+        let by_ip: BTreeMap<IpAddr, u8> = ips.iter().map(|(k, ip)| (*ip, *k)).collect();
+        let mut threads = Vec::new();
+        let mut sending = BTreeMap::new();
+        for n in &lab.nodes {
+            let (k, ip, path) = (n.k, n.ip, n.ns.path());
+            let rx = n.ns.run(move || UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), MESH_PORT)).unwrap());
+            rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            let (stop2, log2, by_ip2) = (stop.clone(), log.clone(), by_ip.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                loop {
+                    match rx.recv_from(&mut buf) {
+                        Ok((_, from)) => {
+                            if let Some(src) = by_ip2.get(&from.ip()) {
+                                log2.lock().unwrap().push((t0.elapsed().as_millis() as u64, *src, k, true));
+                            }
+                        }
+                        Err(_) if stop2.load(Ordering::Relaxed) => return,
+                        Err(_) => {}
+                    }
+                }
+            }));
+            let on = Arc::new(AtomicBool::new(true));
+            sending.insert(k, on.clone());
+            let (stop3, log3, peers) = (stop.clone(), log.clone(), ips.clone());
+            threads.push(std::thread::spawn(move || {
+                let f = File::open(&path).unwrap();
+                // SAFETY: setns on this thread only.
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                let tx = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+                while !stop3.load(Ordering::Relaxed) {
+                    if on.load(Ordering::Relaxed) {
+                        for (dk, dip) in &peers {
+                            if *dk != k && tx.send_to(b"mesh", SocketAddr::new(*dip, MESH_PORT)).is_ok() {
+                                log3.lock().unwrap().push((t0.elapsed().as_millis() as u64, k, *dk, false));
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(every_ms));
+                }
+            }));
+        }
+        Mesh { t0, stop, sending, threads, log }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+
+    /// A dead node sends nothing.
+    pub fn silence(&self, k: u8) {
+        self.sending[&k].store(false, Ordering::Relaxed);
+    }
+
+    pub fn stop(mut self) -> Vec<(u64, u8, u8, bool)> {
+        std::thread::sleep(Duration::from_millis(300)); // let the last packets land
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+/// (sent, received) per (src, dst), counting only packets sent by a node to
+/// a destination that were both in `live` at the time.
+pub fn pair_totals(log: &[(u64, u8, u8, bool)], live: &[u8]) -> BTreeMap<(u8, u8), (u64, u64)> {
+    let mut m: BTreeMap<(u8, u8), (u64, u64)> = BTreeMap::new();
+    for (_, s, d, recv) in log {
+        if live.contains(s) && live.contains(d) {
+            let e = m.entry((*s, *d)).or_default();
+            if *recv { e.1 += 1 } else { e.0 += 1 }
+        }
+    }
+    m
+}
