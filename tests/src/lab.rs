@@ -57,7 +57,12 @@ impl Lab {
     pub fn new(n: u8, guards: &str) -> Lab {
         let br = Ns::new("fwlbr");
         br.sh_ok("ip link add br0 type bridge && ip link set br0 up");
-        let mut lab = Lab { br, nodes: Vec::new(), root: TempDir::new(), guards: guards.to_string() };
+        let mut lab = Lab {
+            br,
+            nodes: Vec::new(),
+            root: TempDir::new(),
+            guards: guards.to_string(),
+        };
         for k in 1..=n {
             lab.add_node(k);
         }
@@ -67,10 +72,17 @@ impl Lab {
     pub fn add_node(&mut self, k: u8) {
         let ns = Ns::new("fwln");
         let port = unique("lp");
-        sh_ok(&format!("ip link add eth0 netns {} type veth peer name {port} netns {}", ns.name, self.br.name));
-        self.br.sh_ok(&format!("ip link set {port} master br0 && ip link set {port} up"));
+        sh_ok(&format!(
+            "ip link add eth0 netns {} type veth peer name {port} netns {}",
+            ns.name, self.br.name
+        ));
+        self.br.sh_ok(&format!(
+            "ip link set {port} master br0 && ip link set {port} up"
+        ));
         let ip = node_ip(k);
-        ns.sh_ok(&format!("ip addr add {ip}/24 dev eth0 && ip link set eth0 up"));
+        ns.sh_ok(&format!(
+            "ip addr add {ip}/24 dev eth0 && ip link set eth0 up"
+        ));
         let dir = self.root.0.join(format!("n{k}"));
         std::fs::create_dir_all(dir.join("state")).unwrap();
         let pins = PinDir::new();
@@ -91,7 +103,16 @@ impl Lab {
             ),
         )
         .unwrap();
-        self.nodes.push(Node { k, ns, ip, port, pins, dir, serf: None, ctl: None });
+        self.nodes.push(Node {
+            k,
+            ns,
+            ip,
+            port,
+            pins,
+            dir,
+            serf: None,
+            ctl: None,
+        });
     }
 
     pub fn node(&self, k: u8) -> &Node {
@@ -104,7 +125,11 @@ impl Lab {
     /// Start node k's Serf agent, joining `seeds` (retrying for ever).
     pub fn start_serf(&mut self, k: u8, seeds: &[u8]) {
         let n = self.node_mut(k);
-        let log = File::options().create(true).append(true).open(n.dir.join("serf.log")).unwrap();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(n.dir.join("serf.log"))
+            .unwrap();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", n.ns.path().display()))
             .args(["serf", "agent", "-config-file"])
@@ -113,7 +138,12 @@ impl Lab {
         for s in seeds {
             cmd.arg("-retry-join").arg(format!("{}:7946", node_ip(*s)));
         }
-        n.serf = Some(cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("spawn serf (run `cargo xtask setup`)"));
+        n.serf = Some(
+            cmd.stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("spawn serf (run `cargo xtask setup`)"),
+        );
     }
 
     /// SIGKILL node k's agent (our child, by PID).
@@ -127,7 +157,11 @@ impl Lab {
 
     pub fn start_ctl(&mut self, k: u8) {
         let n = self.node_mut(k);
-        n.ctl = Some(Daemon::start(&n.ns, &n.dir.join("firewall.toml"), &n.dir.join("state")));
+        n.ctl = Some(Daemon::start(
+            &n.ns,
+            &n.dir.join("firewall.toml"),
+            &n.dir.join("state"),
+        ));
     }
 
     pub fn kill_ctl(&mut self, k: u8) {
@@ -138,13 +172,21 @@ impl Lab {
 
     /// (name, status) of every member node k's agent knows.
     pub fn serf_members(&self, k: u8) -> Vec<(String, String)> {
-        let o = self.node(k).ns.sh("serf members -rpc-addr 127.0.0.1:7373 -format json");
+        let o = self
+            .node(k)
+            .ns
+            .sh("serf members -rpc-addr 127.0.0.1:7373 -format json");
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
         v["members"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|m| (m["name"].as_str().unwrap_or("").to_string(), m["status"].as_str().unwrap_or("").to_string()))
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap_or("").to_string(),
+                    m["status"].as_str().unwrap_or("").to_string(),
+                )
+            })
             .collect()
     }
 
@@ -175,9 +217,18 @@ impl Lab {
             .filter(|e| e["event"] == "commit")
             .flat_map(|e| {
                 let ts = e["ts_ms"].as_u64().unwrap_or(0);
-                e["evicted"].as_array().cloned().unwrap_or_default().into_iter().map(move |v| {
-                    (v["peer"].as_str().unwrap_or("").to_string(), v["absent_since_ms"].as_u64().unwrap_or(0), ts)
-                })
+                e["evicted"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |v| {
+                        (
+                            v["peer"].as_str().unwrap_or("").to_string(),
+                            v["absent_since_ms"].as_u64().unwrap_or(0),
+                            ts,
+                        )
+                    })
             })
             .collect()
     }
@@ -186,8 +237,8 @@ impl Lab {
     pub fn partition(&self, k: u8) {
         let port = &self.node(k).port;
         self.br.sh_ok(&format!(
-            "nft add table bridge fwpart{k} && nft add chain bridge fwpart{k} fwd '{{ type filter hook forward priority 0; }}' && \
-             nft add rule bridge fwpart{k} fwd iifname {port} drop && nft add rule bridge fwpart{k} fwd oifname {port} drop"
+            "nft add table bridge fwpart{k} && nft add chain bridge fwpart{k} cut '{{ type filter hook forward priority 0; }}' && \
+             nft add rule bridge fwpart{k} cut iifname {port} drop && nft add rule bridge fwpart{k} cut oifname {port} drop"
         ));
     }
 
@@ -226,10 +277,19 @@ impl Mesh {
         let by_ip: BTreeMap<IpAddr, u8> = ips.iter().map(|(k, ip)| (*ip, *k)).collect();
         let mut threads = Vec::new();
         let mut sending = BTreeMap::new();
+        // Every receiver is bound before any sender starts: a datagram sent
+        // to a port nobody listens on yet would count as lost.
         for n in &lab.nodes {
-            let (k, ip, path) = (n.k, n.ip, n.ns.path());
-            let rx = n.ns.run(move || UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), MESH_PORT)).unwrap());
-            rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            let k = n.k;
+            let rx = n.ns.run(move || {
+                UdpSocket::bind(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    MESH_PORT,
+                ))
+                .unwrap()
+            });
+            rx.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
             let (stop2, log2, by_ip2) = (stop.clone(), log.clone(), by_ip.clone());
             threads.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 64];
@@ -237,7 +297,12 @@ impl Mesh {
                     match rx.recv_from(&mut buf) {
                         Ok((_, from)) => {
                             if let Some(src) = by_ip2.get(&from.ip()) {
-                                log2.lock().unwrap().push((t0.elapsed().as_millis() as u64, *src, k, true));
+                                log2.lock().unwrap().push((
+                                    t0.elapsed().as_millis() as u64,
+                                    *src,
+                                    k,
+                                    true,
+                                ));
                             }
                         }
                         Err(_) if stop2.load(Ordering::Relaxed) => return,
@@ -245,6 +310,9 @@ impl Mesh {
                     }
                 }
             }));
+        }
+        for n in &lab.nodes {
+            let (k, ip, path) = (n.k, n.ip, n.ns.path());
             let on = Arc::new(AtomicBool::new(true));
             sending.insert(k, on.clone());
             let (stop3, log3, peers) = (stop.clone(), log.clone(), ips.clone());
@@ -256,8 +324,17 @@ impl Mesh {
                 while !stop3.load(Ordering::Relaxed) {
                     if on.load(Ordering::Relaxed) {
                         for (dk, dip) in &peers {
-                            if *dk != k && tx.send_to(b"mesh", SocketAddr::new(*dip, MESH_PORT)).is_ok() {
-                                log3.lock().unwrap().push((t0.elapsed().as_millis() as u64, k, *dk, false));
+                            if *dk != k
+                                && tx
+                                    .send_to(b"mesh", SocketAddr::new(*dip, MESH_PORT))
+                                    .is_ok()
+                            {
+                                log3.lock().unwrap().push((
+                                    t0.elapsed().as_millis() as u64,
+                                    k,
+                                    *dk,
+                                    false,
+                                ));
                             }
                         }
                     }
@@ -265,7 +342,13 @@ impl Mesh {
                 }
             }));
         }
-        Mesh { t0, stop, sending, threads, log }
+        Mesh {
+            t0,
+            stop,
+            sending,
+            threads,
+            log,
+        }
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -278,7 +361,12 @@ impl Mesh {
     }
 
     pub fn stop(mut self) -> Vec<(u64, u8, u8, bool)> {
-        std::thread::sleep(Duration::from_millis(300)); // let the last packets land
+        // Senders first, then let the last packets land, then the receivers:
+        // a packet sent is a packet counted.
+        for on in self.sending.values() {
+            on.store(false, Ordering::Relaxed);
+        }
+        std::thread::sleep(Duration::from_millis(300));
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -472,11 +472,21 @@ impl Core {
     /// The post-mortem's orchestrator, for the side-by-side replay: whatever
     /// members a result lists are the fleet; everyone else goes, now.
     fn handle_naively(&mut self, d: Discovery) {
-        self.last_result = Some(format!("{} with {} members at {} (naive)", d.kind(), d.members().len(), self.now));
+        self.last_result = Some(format!(
+            "{} with {} members at {} (naive)",
+            d.kind(),
+            d.members().len(),
+            self.now
+        ));
         if let Discovery::Failed { .. } = d {
             return;
         }
-        let present: BTreeSet<IpNet> = d.members().iter().filter(|m| m.status.present()).map(|m| m.net).collect();
+        let present: BTreeSet<IpNet> = d
+            .members()
+            .iter()
+            .filter(|m| m.status.present())
+            .map(|m| m.net)
+            .collect();
         for n in &present {
             self.absent.remove(n);
             if !self.committed.contains_key(n) {
@@ -486,7 +496,10 @@ impl Core {
         let now = self.now;
         for (n, o) in &self.committed {
             if *o == DISCOVERY && !present.contains(n) {
-                self.absent.entry(*n).or_insert(Absence { since_ms: now, graceful: false });
+                self.absent.entry(*n).or_insert(Absence {
+                    since_ms: now,
+                    graceful: false,
+                });
             }
         }
         self.freeze = None;

@@ -329,7 +329,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
             (rx, Some(w))
         }
-        SourceConfig::Serf(sc) => (super::serf::spawn(sc, d.cfg.guards.max_members, d.cfg.guards.naive), None),
+        SourceConfig::Serf(sc) => (
+            super::serf::spawn(sc, d.cfg.guards.max_members, d.cfg.guards.naive),
+            None,
+        ),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -392,7 +395,12 @@ pub fn plan(cfg: &Config) -> anyhow::Result<serde_json::Value> {
                 Some(Duration::from_secs(5)),
             )?;
             let me = c.self_name()?;
-            super::serf::to_discovery(c.members_filtered(&sc.tags)?, &me, cfg.guards.max_members, cfg.guards.naive)
+            super::serf::to_discovery(
+                c.members_filtered(&sc.tags)?,
+                &me,
+                cfg.guards.max_members,
+                cfg.guards.naive,
+            )
         }
     };
     let kind = disc.kind();

@@ -260,7 +260,12 @@ fn default_poll() -> u64 {
 }
 
 /// Turn a member list into a discovery result, applying the health rule.
-pub fn to_discovery(members: Vec<SerfMember>, self_name: &str, max_members: usize, naive: bool) -> Discovery {
+pub fn to_discovery(
+    members: Vec<SerfMember>,
+    self_name: &str,
+    max_members: usize,
+    naive: bool,
+) -> Discovery {
     if members.len() > max_members {
         return Discovery::Failed {
             reason: format!("{} members exceed guards.max_members", members.len()),

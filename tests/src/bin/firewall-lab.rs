@@ -27,7 +27,9 @@ fn main() {
         Some("bench-datapath") => bench_datapath(),
         Some("bench-controller") => bench_controller(),
         _ => {
-            eprintln!("usage: firewall-lab <demo | veth | replay [naive|guarded] | bench-datapath | bench-controller>");
+            eprintln!(
+                "usage: firewall-lab <demo | veth | replay [naive|guarded] | bench-datapath | bench-controller>"
+            );
             std::process::exit(2);
         }
     };
@@ -531,8 +533,16 @@ use std::collections::BTreeMap;
 fn replay(naive: bool) -> anyhow::Result<Replay> {
     use firewall_tests::lab::{Lab, Mesh};
     use std::time::{Duration, Instant};
-    let guards = if naive { "naive = true" } else { "grace_ms = 300000" };
-    let mode = if naive { "naive (grace 0, no guards)" } else { "guarded (defaults)" };
+    let guards = if naive {
+        "naive = true"
+    } else {
+        "grace_ms = 300000"
+    };
+    let mode = if naive {
+        "naive (grace 0, no guards)"
+    } else {
+        "guarded (defaults)"
+    };
     eprintln!("== replay: {mode}");
     let mut lab = Lab::new(4, guards);
     // n2's only seed is n1; the others know everyone.
@@ -545,10 +555,16 @@ fn replay(naive: bool) -> anyhow::Result<Replay> {
     }
     let t = Instant::now();
     while !(1..=4).all(|k| lab.allowed(k).len() == 4) {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "the lab did not converge in 60 s");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the lab did not converge in 60 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    eprintln!("   converged: every node allows all 4 nodes ({:.1} s)", t.elapsed().as_secs_f64());
+    eprintln!(
+        "   converged: every node allows all 4 nodes ({:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
     let mesh = Mesh::start(&lab, 20);
     let mut events = Vec::new();
     std::thread::sleep(Duration::from_secs(3));
@@ -557,7 +573,10 @@ fn replay(naive: bool) -> anyhow::Result<Replay> {
     lab.kill_ctl(1);
     lab.kill_serf(1);
     std::thread::sleep(Duration::from_secs(1));
-    events.push((mesh.now_ms(), "n2's Serf agent restarts, seed down: it sees only itself".to_string()));
+    events.push((
+        mesh.now_ms(),
+        "n2's Serf agent restarts, seed down: it sees only itself".to_string(),
+    ));
     lab.kill_serf(2);
     lab.start_serf(2, &[1]);
     // Until n2's agent hears of the others again (push/pull, ~30 s).
@@ -573,13 +592,23 @@ fn replay(naive: bool) -> anyhow::Result<Replay> {
             let log = std::fs::read_to_string(lab.node(2).dir.join("serf.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(25).collect();
             let n3 = lab.serf_members(3);
-            bail!("n2's agent never recovered; n3 sees {n3:?}; n2's serf log:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!(
+                "n2's agent never recovered; n3 sees {n3:?}; n2's serf log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
     }
     std::thread::sleep(Duration::from_secs(5));
     let log = mesh.stop();
-    let evictions = (2..=4).map(|k| (k, lab.evictions(k).into_iter().map(|(p, _, _)| p).collect())).collect();
-    Ok(Replay { mode, log, events, evictions })
+    let evictions = (2..=4)
+        .map(|k| (k, lab.evictions(k).into_iter().map(|(p, _, _)| p).collect()))
+        .collect();
+    Ok(Replay {
+        mode,
+        log,
+        events,
+        evictions,
+    })
 }
 
 fn replay_main(which: Option<&str>) -> anyhow::Result<()> {
@@ -609,15 +638,25 @@ fn losses(r: &Replay) -> BTreeMap<u8, (u64, u64, Option<u64>, Option<u64>)> {
     for (t, s, d, recv) in &r.log {
         if live.contains(s) && live.contains(d) {
             let key = (*s, *d, t / 100);
-            *(if *recv { got.entry(key) } else { sent.entry(key) }).or_default() += 1;
+            *(if *recv {
+                got.entry(key)
+            } else {
+                sent.entry(key)
+            })
+            .or_default() += 1;
         }
     }
-    let total_got: BTreeMap<(u8, u8), u64> = got.iter().fold(BTreeMap::new(), |mut m, ((s, d, _), n)| { *m.entry((*s, *d)).or_default() += n; m });
+    let total_got: BTreeMap<(u8, u8), u64> =
+        got.iter().fold(BTreeMap::new(), |mut m, ((s, d, _), n)| {
+            *m.entry((*s, *d)).or_default() += n;
+            m
+        });
     for ((s, d, b), n) in &sent {
         let e = out.entry(*d).or_default();
         e.0 += n;
         let _ = s;
-        let arrived = got.get(&(*s, *d, *b)).copied().unwrap_or(0) + got.get(&(*s, *d, b + 1)).copied().unwrap_or(0);
+        let arrived = got.get(&(*s, *d, *b)).copied().unwrap_or(0)
+            + got.get(&(*s, *d, b + 1)).copied().unwrap_or(0);
         if arrived == 0 {
             e.1 += n;
             e.2 = Some(e.2.map_or(b * 100, |x: u64| x.min(b * 100)));
@@ -629,17 +668,50 @@ fn losses(r: &Replay) -> BTreeMap<u8, (u64, u64, Option<u64>, Option<u64>)> {
 }
 
 fn report(runs: &[Replay]) -> anyhow::Result<()> {
-    println!("\nThe seed incident, replayed: n1 (n2's only seed) dies, then n2's Serf agent restarts and reports only itself for ~30 s.");
-    println!("Live traffic: every node sends UDP to every other node every 20 ms. Counted between the live nodes n2, n3, n4.\n");
-    println!("{:<28} {:<6} {:>8} {:>8} {:>16} {:>28}", "mode", "node", "recv'd", "lost", "time to recover", "evicted by this node");
+    println!(
+        "\nThe seed incident, replayed: n1 (n2's only seed) dies, then n2's Serf agent restarts and reports only itself for ~30 s."
+    );
+    println!(
+        "Live traffic: every node sends UDP to every other node every 20 ms. Counted between the live nodes n2, n3, n4.\n"
+    );
+    println!(
+        "{:<28} {:<6} {:>8} {:>8} {:>16} {:>28}",
+        "mode", "node", "recv'd", "lost", "time to recover", "evicted by this node"
+    );
     for r in runs {
         let l = losses(r);
         for k in 2u8..=4 {
             let (sent, lost, first, last) = l.get(&k).copied().unwrap_or_default();
-            let recover = match (first, last) { (Some(a), Some(b)) => format!("{:.1} s", (b - a + 100) as f64 / 1000.0), _ => "no loss".into() };
+            let recover = match (first, last) {
+                (Some(a), Some(b)) => format!("{:.1} s", (b - a + 100) as f64 / 1000.0),
+                _ => "no loss".into(),
+            };
             let ev = &r.evictions[&k];
-            println!("{:<28} {:<6} {:>8} {:>8} {:>16} {:>28}", r.mode, format!("n{k}"), sent - lost, lost, recover,
-                if ev.is_empty() { "none".to_string() } else { format!("{} ({})", ev.len(), ev.iter().map(|p| p.trim_end_matches("/32").rsplit('.').next().unwrap_or("").to_string()).collect::<Vec<_>>().join(",")) });
+            println!(
+                "{:<28} {:<6} {:>8} {:>8} {:>16} {:>28}",
+                r.mode,
+                format!("n{k}"),
+                sent - lost,
+                lost,
+                recover,
+                if ev.is_empty() {
+                    "none".to_string()
+                } else {
+                    format!(
+                        "{} ({})",
+                        ev.len(),
+                        ev.iter()
+                            .map(|p| p
+                                .trim_end_matches("/32")
+                                .rsplit('.')
+                                .next()
+                                .unwrap_or("")
+                                .to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                }
+            );
         }
     }
     for r in runs {
@@ -661,23 +733,47 @@ fn report(runs: &[Replay]) -> anyhow::Result<()> {
 fn timeline_svg(runs: &[Replay]) -> String {
     let (w, ph, left, top) = (900.0, 220.0, 60.0, 30.0);
     let colors = [("n2", "#d62728"), ("n3", "#1f77b4"), ("n4", "#2ca02c")];
-    let tmax = runs.iter().flat_map(|r| r.log.iter().map(|e| e.0)).max().unwrap_or(1) as f64;
-    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#, w + left + 20.0, runs.len() as f64 * (ph + top + 40.0) + 20.0);
+    let tmax = runs
+        .iter()
+        .flat_map(|r| r.log.iter().map(|e| e.0))
+        .max()
+        .unwrap_or(1) as f64;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
+        w + left + 20.0,
+        runs.len() as f64 * (ph + top + 40.0) + 20.0
+    );
     for (i, r) in runs.iter().enumerate() {
         let y0 = 20.0 + i as f64 * (ph + top + 40.0);
-        s += &format!(r#"<text x="{left}" y="{}" font-weight="bold">{}: packets/s delivered into each live node from the other live nodes</text>"#, y0 + 12.0, r.mode);
+        s += &format!(
+            r#"<text x="{left}" y="{}" font-weight="bold">{}: packets/s delivered into each live node from the other live nodes</text>"#,
+            y0 + 12.0,
+            r.mode
+        );
         let base = y0 + top + ph;
-        s += &format!(r#"<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="black"/><line x1="{left}" y1="{}" x2="{left}" y2="{base}" stroke="black"/>"#, left + w, y0 + top);
+        s += &format!(
+            r#"<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="black"/><line x1="{left}" y1="{}" x2="{left}" y2="{base}" stroke="black"/>"#,
+            left + w,
+            y0 + top
+        );
         // 2 peers x 50 pps = 100 pps expected per node.
         let ymax = 120.0;
         for v in [0.0, 50.0, 100.0] {
             let y = base - v / ymax * ph;
-            s += &format!(r##"<text x="{}" y="{}" text-anchor="end">{v}</text><line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##, left - 5.0, y + 4.0, left + w);
+            s += &format!(
+                r##"<text x="{}" y="{}" text-anchor="end">{v}</text><line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##,
+                left - 5.0,
+                y + 4.0,
+                left + w
+            );
         }
         let mut x_t = 0.0;
         while x_t <= tmax / 1000.0 {
             let x = left + x_t * 1000.0 / tmax * w;
-            s += &format!(r#"<text x="{x}" y="{}" text-anchor="middle">{x_t:.0}s</text>"#, base + 15.0);
+            s += &format!(
+                r#"<text x="{x}" y="{}" text-anchor="middle">{x_t:.0}s</text>"#,
+                base + 15.0
+            );
             x_t += 10.0;
         }
         for (k, (name, color)) in colors.iter().enumerate() {
@@ -689,17 +785,37 @@ fn timeline_svg(runs: &[Replay]) -> String {
                 }
             }
             let nb = (tmax / 500.0) as u64;
-            let pts: Vec<String> = (0..nb).map(|b| {
-                let pps = buckets.get(&b).copied().unwrap_or(0) as f64 * 2.0;
-                format!("{:.1},{:.1}", left + (b as f64 * 500.0) / tmax * w, base - pps.min(ymax) / ymax * ph)
-            }).collect();
-            s += &format!(r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, pts.join(" "));
-            s += &format!(r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#, left + w - 80.0 + k as f64 * 25.0, y0 + 12.0);
+            let pts: Vec<String> = (0..nb)
+                .map(|b| {
+                    let pps = buckets.get(&b).copied().unwrap_or(0) as f64 * 2.0;
+                    format!(
+                        "{:.1},{:.1}",
+                        left + (b as f64 * 500.0) / tmax * w,
+                        base - pps.min(ymax) / ymax * ph
+                    )
+                })
+                .collect();
+            s += &format!(
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                pts.join(" ")
+            );
+            s += &format!(
+                r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
+                left + w - 80.0 + k as f64 * 25.0,
+                y0 + 12.0
+            );
         }
         for (j, (t, e)) in r.events.iter().enumerate() {
             let x = left + *t as f64 / tmax * w;
-            s += &format!(r##"<line x1="{x}" y1="{}" x2="{x}" y2="{base}" stroke="#888" stroke-dasharray="4,3"/><text x="{}" y="{}" fill="#555">{}</text>"##,
-                y0 + top, x + 3.0, y0 + top + 14.0 + j as f64 * 14.0, e.replace('&', "and").replace('<', "").replace('\'', "&apos;"));
+            s += &format!(
+                r##"<line x1="{x}" y1="{}" x2="{x}" y2="{base}" stroke="#888" stroke-dasharray="4,3"/><text x="{}" y="{}" fill="#555">{}</text>"##,
+                y0 + top,
+                x + 3.0,
+                y0 + top + 14.0 + j as f64 * 14.0,
+                e.replace('&', "and")
+                    .replace('<', "")
+                    .replace('\'', "&apos;")
+            );
         }
     }
     s += "</svg>\n";
