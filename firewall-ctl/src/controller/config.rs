@@ -116,6 +116,8 @@ pub enum SourceConfig {
     /// The local Serf agent's RPC: `rpc_addr`, `tags` (a topology scope),
     /// `poll_ms`, `auth_key`.
     Serf(super::serf::SerfConfig),
+    /// Keys under `prefix` in etcd (`endpoints`), listed then watched.
+    Etcd(super::etcd::EtcdConfig),
 }
 
 fn default_poll_ms() -> u64 {

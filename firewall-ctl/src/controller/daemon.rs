@@ -333,6 +333,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             super::serf::spawn(sc, d.cfg.guards.max_members, d.cfg.guards.naive),
             None,
         ),
+        SourceConfig::Etcd(ec) => (super::etcd::spawn(ec, d.cfg.guards.max_members), None),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -401,6 +402,22 @@ pub fn plan(cfg: &Config) -> anyhow::Result<serde_json::Value> {
                 cfg.guards.max_members,
                 cfg.guards.naive,
             )
+        }
+        SourceConfig::Etcd(ec) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut rx = super::etcd::spawn(ec.clone(), cfg.guards.max_members);
+                tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(Discovery::Failed {
+                reason: "etcd gave no answer in 10 s".into(),
+                meta: Default::default(),
+            })
         }
     };
     let kind = disc.kind();

@@ -5,6 +5,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod discovery;
+pub mod etcd;
 pub mod file_source;
 pub mod serf;
 pub mod state;

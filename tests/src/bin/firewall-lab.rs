@@ -784,7 +784,8 @@ fn timeline_svg(runs: &[Replay]) -> String {
                     *buckets.entry(t / 500).or_default() += 1;
                 }
             }
-            let nb = (tmax / 500.0) as u64;
+            // Only up to this run's own end: runs differ in length.
+            let nb = r.log.iter().map(|e| e.0).max().unwrap_or(0) / 500;
             let pts: Vec<String> = (0..nb)
                 .map(|b| {
                     let pps = buckets.get(&b).copied().unwrap_or(0) as f64 * 2.0;
@@ -801,20 +802,26 @@ fn timeline_svg(runs: &[Replay]) -> String {
             );
             s += &format!(
                 r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
-                left + w - 80.0 + k as f64 * 25.0,
+                left + w - 120.0 + k as f64 * 30.0,
                 y0 + 12.0
             );
         }
         for (j, (t, e)) in r.events.iter().enumerate() {
             let x = left + *t as f64 / tmax * w;
+            // Labels right of the line, or left of it near the right edge.
+            let (tx, anchor) = if x > left + 0.7 * w {
+                (x - 3.0, "end")
+            } else {
+                (x + 3.0, "start")
+            };
+            let label = e
+                .replace('&', "and")
+                .replace('<', "")
+                .replace('\'', "&apos;");
             s += &format!(
-                r##"<line x1="{x}" y1="{}" x2="{x}" y2="{base}" stroke="#888" stroke-dasharray="4,3"/><text x="{}" y="{}" fill="#555">{}</text>"##,
+                r##"<line x1="{x}" y1="{}" x2="{x}" y2="{base}" stroke="#888" stroke-dasharray="4,3"/><text x="{tx}" y="{}" fill="#555" text-anchor="{anchor}">{label}</text>"##,
                 y0 + top,
-                x + 3.0,
-                y0 + top + 14.0 + j as f64 * 14.0,
-                e.replace('&', "and")
-                    .replace('<', "")
-                    .replace('\'', "&apos;")
+                y0 + top + 14.0 + j as f64 * 14.0
             );
         }
     }

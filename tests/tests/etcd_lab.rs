@@ -1,0 +1,236 @@
+//! The controller with etcd discovery against a real single-node etcd: etcd
+//! stopped deletes nothing; keys deleted in bulk are held until approved.
+
+use std::{
+    net::IpAddr,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use firewall_tests::{
+    Daemon, Ns, Pair, PinDir, TempDir, fwctl, fwctl_ok, kernel_available, wait_for,
+};
+
+struct Etcd {
+    child: Option<Child>,
+}
+
+impl Etcd {
+    fn start(ns: &Ns, ip: IpAddr, dir: &std::path::Path) -> Etcd {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("etcd.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args(["etcd", "--name", "e1", "--data-dir"])
+            .arg(dir.join("etcd-data"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{ip}:2379"),
+                "--advertise-client-urls",
+                &format!("http://{ip}:2379"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .args([
+                "--initial-cluster",
+                "e1=http://127.0.0.1:2380",
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd (run `cargo xtask setup`)");
+        Etcd { child: Some(child) }
+    }
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn etcdctl(ns: &Ns, ip: IpAddr, args: &str) -> bool {
+    ns.sh(&format!(
+        "ETCDCTL_API=3 etcdctl --endpoints http://{ip}:2379 {args}"
+    ))
+    .status
+    .success()
+}
+
+fn allowed(p: &Pair, pins: &PinDir) -> Vec<String> {
+    let o = fwctl(&p.a, pins, "peers list --json");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["peer"].as_str().map(String::from))
+        .collect()
+}
+
+fn setup(net: u8, guards: &str) -> (Pair, PinDir, TempDir, Etcd, Daemon, Vec<IpAddr>) {
+    let p = Pair::new(net);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let server = p.b4(9);
+    let etcd = Etcd::start(&p.b, server, &dir.0);
+    assert!(
+        wait_for(Duration::from_secs(20), || etcdctl(
+            &p.b,
+            server,
+            "endpoint health"
+        )),
+        "etcd did not start"
+    );
+    let peers: Vec<IpAddr> = (2..=8).map(|h| p.b4(h)).collect();
+    for (i, ip) in peers.iter().enumerate() {
+        assert!(etcdctl(
+            &p.b,
+            server,
+            &format!("put /firewall/peers/p{i} '{{\"addr\": \"{ip}\"}}'")
+        ));
+    }
+    std::fs::create_dir_all(dir.0.join("state")).unwrap();
+    let cfg = dir.0.join("firewall.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "interfaces = [\"{}\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"etcd\"\nendpoints = [\"http://{server}:2379\"]\nprefix = \"/firewall/peers/\"\n[guards]\n{guards}\n",
+            p.a_if,
+            pins.path.display(),
+            dir.0.join("state").display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
+    assert!(
+        wait_for(Duration::from_secs(30), || allowed(&p, &pins).len()
+            == peers.len()),
+        "peers never committed: {}",
+        d.log()
+    );
+    (p, pins, dir, etcd, d, peers)
+}
+
+#[test]
+fn etcd_stopped_deletes_nothing() {
+    if !kernel_available("etcd_stopped_deletes_nothing") {
+        return;
+    }
+    let (p, pins, dir, mut etcd, d, peers) = setup(36, "grace_ms = 1000\ngraceful_grace_ms = 1000");
+    etcd.kill();
+    // Several grace periods with etcd gone: the source reports failures.
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            std::fs::read_to_string(dir.0.join("state/status.json"))
+                .is_ok_and(|s| s.contains("discovery failed"))
+        }),
+        "no alarm: {}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        allowed(&p, &pins).len(),
+        peers.len(),
+        "nothing deleted while etcd is down"
+    );
+    assert!(
+        p.b.ping(p.b4(2), p.a4()),
+        "traffic from a peer still passes"
+    );
+    // etcd back with the same data: clean again, still nothing deleted.
+    let _etcd = Etcd::start(&p.b, p.b4(9), &dir.0);
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(dir.0.join("state/status.json")).is_ok_and(|s| {
+                serde_json::from_str::<serde_json::Value>(&s)
+                    .is_ok_and(|v| v["core"]["alarms"].as_array().is_some_and(|a| a.is_empty()))
+            })
+        }),
+        "never recovered: {}",
+        d.log()
+    );
+    assert_eq!(allowed(&p, &pins).len(), peers.len());
+    assert!(
+        d.audit()
+            .iter()
+            .all(|e| e["evicted"].as_array().is_none_or(|a| a.is_empty()))
+    );
+}
+
+#[test]
+fn etcd_bulk_deletion_is_held_until_approved() {
+    if !kernel_available("etcd_bulk_deletion_is_held_until_approved") {
+        return;
+    }
+    let (p, pins, dir, _etcd, d, peers) = setup(37, "grace_ms = 1000\ngraceful_grace_ms = 1000");
+    let server = p.b4(9);
+    // 5 of 7 keys deleted at once: more than half, so the shrink guard holds.
+    for i in 0..5 {
+        assert!(etcdctl(&p.b, server, &format!("del /firewall/peers/p{i}")));
+    }
+    let status = || {
+        serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(dir.0.join("state/status.json")).unwrap_or_default(),
+        )
+        .unwrap_or_default()
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || status()["core"]["held"]
+            .as_array()
+            .is_some_and(|h| h.len() == 5)),
+        "not held: {}",
+        status()
+    );
+    assert_eq!(
+        allowed(&p, &pins).len(),
+        peers.len(),
+        "held deletions stay allowed"
+    );
+    // The operator looks, then lets them through.
+    let show = fwctl_ok(
+        &p.a,
+        &pins,
+        &format!("approve --state-dir {}", dir.0.join("state").display()),
+    );
+    assert!(
+        show.contains("held deletions (5)") && show.contains("--yes"),
+        "{show}"
+    );
+    assert_eq!(
+        allowed(&p, &pins).len(),
+        peers.len(),
+        "showing approves nothing"
+    );
+    fwctl_ok(
+        &p.a,
+        &pins,
+        &format!(
+            "approve --state-dir {} --yes",
+            dir.0.join("state").display()
+        ),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || allowed(&p, &pins).len() == 2),
+        "approved deletions never went through: {}",
+        d.log()
+    );
+    assert!(d.audit().iter().any(|e| e["event"] == "approved"));
+}
