@@ -155,6 +155,15 @@ impl Lab {
         }
     }
 
+    /// SIGINT node k's agent: a graceful leave (`left` on the others in < 1 s).
+    pub fn leave_serf(&mut self, k: u8) {
+        if let Some(mut c) = self.node_mut(k).serf.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
+        }
+    }
+
     pub fn start_ctl(&mut self, k: u8) {
         let n = self.node_mut(k);
         n.ctl = Some(Daemon::start(
@@ -386,4 +395,61 @@ pub fn pair_totals(log: &[(u64, u8, u8, bool)], live: &[u8]) -> BTreeMap<(u8, u8
         }
     }
     m
+}
+
+/// A single-node etcd inside a namespace, our child; killed on Drop.
+pub struct Etcd {
+    child: Option<Child>,
+}
+
+impl Etcd {
+    pub fn start(ns: &Ns, ip: std::net::IpAddr, dir: &std::path::Path) -> Etcd {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("etcd.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args(["etcd", "--name", "e1", "--data-dir"])
+            .arg(dir.join("etcd-data"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{ip}:2379"),
+                "--advertise-client-urls",
+                &format!("http://{ip}:2379"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .args([
+                "--initial-cluster",
+                "e1=http://127.0.0.1:2380",
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd (run `cargo xtask setup`)");
+        Etcd { child: Some(child) }
+    }
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -1,71 +1,11 @@
 //! The controller with etcd discovery against a real single-node etcd: etcd
 //! stopped deletes nothing; keys deleted in bulk are held until approved.
 
-use std::{
-    net::IpAddr,
-    process::{Child, Command},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use firewall_tests::{
-    Daemon, Ns, Pair, PinDir, TempDir, fwctl, fwctl_ok, kernel_available, wait_for,
+    Daemon, Ns, Pair, PinDir, TempDir, fwctl, fwctl_ok, kernel_available, lab::Etcd, wait_for,
 };
-
-struct Etcd {
-    child: Option<Child>,
-}
-
-impl Etcd {
-    fn start(ns: &Ns, ip: IpAddr, dir: &std::path::Path) -> Etcd {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(dir.join("etcd.log"))
-            .unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
-            .args(["etcd", "--name", "e1", "--data-dir"])
-            .arg(dir.join("etcd-data"))
-            .args([
-                "--listen-client-urls",
-                &format!("http://{ip}:2379"),
-                "--advertise-client-urls",
-                &format!("http://{ip}:2379"),
-            ])
-            .args([
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-            ])
-            .args([
-                "--initial-cluster",
-                "e1=http://127.0.0.1:2380",
-                "--heartbeat-interval",
-                "100",
-                "--election-timeout",
-                "1000",
-            ])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn etcd (run `cargo xtask setup`)");
-        Etcd { child: Some(child) }
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn etcdctl(ns: &Ns, ip: IpAddr, args: &str) -> bool {
     ns.sh(&format!(

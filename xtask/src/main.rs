@@ -302,7 +302,10 @@ fn main() {
                 .and_then(|()| match what {
                     "datapath" => lab(&["bench-datapath"]),
                     "controller" => lab(&["bench-controller"]),
-                    "all" => lab(&["bench-datapath"]).and_then(|()| lab(&["bench-controller"])),
+                    "allow" => lab(&["bench-allow"]),
+                    "all" => lab(&["bench-datapath"])
+                        .and_then(|()| lab(&["bench-controller"]))
+                        .and_then(|()| lab(&["bench-allow"])),
                     other => bail!("unknown benchmark `{other}`: use datapath, controller or all"),
                 })
         }
