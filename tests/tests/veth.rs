@@ -325,3 +325,54 @@ fn another_tools_program_is_refused_without_force() {
     fwctl_ok(&p.a, &pins, &format!("attach --iface {} --force", p.a_if));
     assert!(!p.b.ping(p.b4(3), p.a4()), "ours replaced it");
 }
+
+#[test]
+fn a_full_map_is_refused_before_the_flip() {
+    if !kernel_available("a_full_map_is_refused_before_the_flip") {
+        return;
+    }
+    let p = Pair::new(28);
+    let pins = PinDir::new();
+    fwctl_ok(
+        &p.a,
+        &pins,
+        &format!("attach --iface {} --max-peers 2", p.a_if),
+    );
+    fwctl_ok(&p.a, &pins, &format!("peers add {} {}", p.b4(2), p.b4(3)));
+    let o = fwctl(&p.a, &pins, &format!("peers add {} {}", p.b4(4), p.b4(5)));
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is full")
+            && err.contains("--max-peers")
+            && err.contains("nothing was committed"),
+        "{err}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&fwctl_ok(&p.a, &pins, "status --json")).unwrap();
+    assert_eq!(
+        st["datapath"]["committed_generation"], 1,
+        "no new generation"
+    );
+    assert_eq!(
+        st["datapath"]["staged_generation"], 1,
+        "nothing left staged"
+    );
+    assert!(
+        p.b.ping(p.b4(2), p.a4()) && !p.b.ping(p.b4(4), p.a4()),
+        "the old generation stays in force"
+    );
+    // A different capacity on existing pins is refused with what to do.
+    let o = fwctl(
+        &p.a,
+        &pins,
+        &format!("attach --iface {} --max-peers 8", p.a_if),
+    );
+    assert_eq!(o.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--purge"));
+}

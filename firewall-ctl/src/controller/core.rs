@@ -400,14 +400,7 @@ impl Core {
             .filter(|m| m.status.present())
             .map(|m| m.net)
             .collect();
-        for n in &present {
-            self.absent.remove(n);
-            self.held.remove(n);
-            self.approved.remove(n);
-            if !self.committed.contains_key(n) {
-                self.pending_adds.insert(*n, DISCOVERY);
-            }
-        }
+        self.note_present(&present);
         let members = d.members().to_vec();
         self.freeze = match d {
             Discovery::Failed { reason, .. } if reason.contains("guards.max_members") => {
@@ -469,6 +462,19 @@ impl Core {
         self.plan();
     }
 
+    /// Positive evidence: a present member is no longer absent (nothing is
+    /// held or approved for it any more), and is added if it is new.
+    fn note_present(&mut self, present: &BTreeSet<IpNet>) {
+        for n in present {
+            self.absent.remove(n);
+            self.held.remove(n);
+            self.approved.remove(n);
+            if !self.committed.contains_key(n) {
+                self.pending_adds.insert(*n, DISCOVERY);
+            }
+        }
+    }
+
     /// The post-mortem's orchestrator, for the side-by-side replay: whatever
     /// members a result lists are the fleet; everyone else goes, now.
     fn handle_naively(&mut self, d: Discovery) {
@@ -487,12 +493,7 @@ impl Core {
             .filter(|m| m.status.present())
             .map(|m| m.net)
             .collect();
-        for n in &present {
-            self.absent.remove(n);
-            if !self.committed.contains_key(n) {
-                self.pending_adds.insert(*n, DISCOVERY);
-            }
-        }
+        self.note_present(&present);
         let now = self.now;
         for (n, o) in &self.committed {
             if *o == DISCOVERY && !present.contains(n) {
