@@ -125,19 +125,19 @@ pub fn attach(
     let mut loader = EbpfLoader::new();
     for name in names::SHARED {
         let p = pin_dir.join(name);
-        if let Some(m) = check_pin(pin_dir, &p, name)? {
-            if let (Some(req), true) = (
+        if let Some(m) = check_pin(pin_dir, &p, name)?
+            && let (Some(req), true) = (
                 max_peers,
                 name == names::PEERS_V4 || name == names::PEERS_V6,
-            ) {
-                let existing = m.info().map(|i| i.max_entries()).unwrap_or(0);
-                if existing != req {
-                    return Err(AttachError::Capacity {
-                        dir: pin_dir.into(),
-                        existing,
-                        requested: req,
-                    });
-                }
+            )
+        {
+            let existing = m.info().map(|i| i.max_entries()).unwrap_or(0);
+            if existing != req {
+                return Err(AttachError::Capacity {
+                    dir: pin_dir.into(),
+                    existing,
+                    requested: req,
+                });
             }
         }
         loader.map_pin_path(name, p);

@@ -260,6 +260,9 @@ pub struct PeerRow {
     pub added_generation: Option<u64>,
 }
 
+/// Every entry of PEERS_V4 and PEERS_V6, visible or not.
+type ExactDump = (Vec<(PeerV4Key, PeerVal)>, Vec<(PeerV6Key, PeerVal)>);
+
 /// The shared maps of one pin directory, opened for committing.
 pub struct KernelStore {
     pub dir: PathBuf,
@@ -353,9 +356,7 @@ impl KernelStore {
         &self.ctrl_map
     }
 
-    fn dump_exact(
-        &self,
-    ) -> Result<(Vec<(PeerV4Key, PeerVal)>, Vec<(PeerV6Key, PeerVal)>), StoreError> {
+    fn dump_exact(&self) -> Result<ExactDump, StoreError> {
         let a = batch::dump(self.v4.fd().as_fd(), self.capacity[0] as usize)
             .map_err(io("read", names::PEERS_V4))?;
         let b = batch::dump(self.v6.fd().as_fd(), self.capacity[1] as usize)
@@ -732,12 +733,12 @@ impl PeerStore for KernelStore {
             }
         }
         for n in changes.remove.iter().filter(|n| is_exact(n)) {
-            if let Some(v) = get(n) {
-                if v.removed_gen != generation {
-                    return fail(format!(
-                        "{n} is not marked removed at generation {generation}"
-                    ));
-                }
+            if let Some(v) = get(n)
+                && v.removed_gen != generation
+            {
+                return fail(format!(
+                    "{n} is not marked removed at generation {generation}"
+                ));
             }
         }
         let back = self.dump_cidrs((generation & 1) as usize)?;

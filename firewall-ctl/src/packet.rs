@@ -131,7 +131,7 @@ impl Frame {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let ihl = 20 + self.v4_options.len();
                 assert!(
-                    ihl % 4 == 0 && ihl <= 60,
+                    ihl.is_multiple_of(4) && ihl <= 60,
                     "options must pad to 4 bytes, 40 at most"
                 );
                 f.push(0x40 | (ihl / 4) as u8);

@@ -564,7 +564,7 @@ impl Sim {
         if self.daemon.is_none() && self.now >= self.down_until {
             self.start_daemon()?;
         }
-        if self.now % RESULT_EVERY_MS == 0 {
+        if self.now.is_multiple_of(RESULT_EVERY_MS) {
             self.schedule();
         }
         self.queue.sort_by_key(|(t, s, _)| (*t, *s));

@@ -129,13 +129,12 @@ pub fn overlay_of(prog: &ProgramInfo) -> std::io::Result<Vec<OverlayRule>> {
         }
         let data = MapData::from_id(id).map_err(std::io::Error::other)?;
         let bytes = sys::lookup_raw(data.fd().as_fd(), 0, info.value_size() as usize)?;
-        if let Some(off) = bytes.windows(8).position(|w| w == OVERLAY_MAGIC) {
-            if off + std::mem::size_of::<OverlayTable>() <= bytes.len() {
-                // SAFETY: bounds checked; OverlayTable is plain integers.
-                let t: OverlayTable =
-                    unsafe { std::ptr::read_unaligned(bytes[off..].as_ptr().cast()) };
-                return Ok(t.rules[..(t.count as usize).min(t.rules.len())].to_vec());
-            }
+        if let Some(off) = bytes.windows(8).position(|w| w == OVERLAY_MAGIC)
+            && off + std::mem::size_of::<OverlayTable>() <= bytes.len()
+        {
+            // SAFETY: bounds checked; OverlayTable is plain integers.
+            let t: OverlayTable = unsafe { std::ptr::read_unaligned(bytes[off..].as_ptr().cast()) };
+            return Ok(t.rules[..(t.count as usize).min(t.rules.len())].to_vec());
         }
     }
     Err(std::io::Error::other(
@@ -185,15 +184,15 @@ pub fn iface_status(pin_dir: &Path, iface: &str) -> IfaceStatus {
     match aya::programs::links::PinnedLink::from_pin(dir.join("link")) {
         Ok(l) => {
             let fd: aya::programs::links::FdLink = l.into();
-            if let Ok(info) = fd.info() {
-                if let Ok((_, id, prog_id, ifindex)) = sys::link_info_by_id(info.id()) {
-                    st.link_id = Some(id);
-                    st.attached = ifindex != 0 && Some(ifindex) == st.ifindex;
-                    if !st.attached {
-                        st.problem = Some("the link is pinned but no longer attached (interface gone?): run `firewall-ctl attach` again".into());
-                    }
-                    let _ = prog_id;
+            if let Ok(info) = fd.info()
+                && let Ok((_, id, prog_id, ifindex)) = sys::link_info_by_id(info.id())
+            {
+                st.link_id = Some(id);
+                st.attached = ifindex != 0 && Some(ifindex) == st.ifindex;
+                if !st.attached {
+                    st.problem = Some("the link is pinned but no longer attached (interface gone?): run `firewall-ctl attach` again".into());
                 }
+                let _ = prog_id;
             }
         }
         Err(e) => st.problem = Some(format!("no link pin: {e}")),

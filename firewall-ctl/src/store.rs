@@ -181,7 +181,8 @@ impl PeerStore for MemStore {
         let leftovers = self
             .exact
             .values()
-            .filter(|e| e.added > c || (e.removed != NEVER && e.removed > c) || e.removed <= c)
+            // Anything but a plain visible entry: staged, marked, or removed.
+            .filter(|e| !(e.added <= c && e.removed == NEVER))
             .count() as u64;
         Ok(Loaded {
             generation: c,
@@ -284,10 +285,10 @@ impl PeerStore for MemStore {
             }
         }
         for n in changes.remove.iter().filter(|n| is_exact(n)) {
-            if let Some(e) = self.exact.get(n) {
-                if e.removed != generation {
-                    return fail(format!("{n} is not marked removed"));
-                }
+            if let Some(e) = self.exact.get(n)
+                && e.removed != generation
+            {
+                return fail(format!("{n} is not marked removed"));
             }
         }
         if &self.cidr_slots[(generation & 1) as usize] != cidrs {

@@ -266,6 +266,9 @@ impl Drop for Lab {
     }
 }
 
+/// (ms since start, src node, dst node, true for a receive / false for a send).
+pub type MeshLog = Vec<(u64, u8, u8, bool)>;
+
 /// Continuous UDP between every pair of nodes, recording every send and
 /// receive with its time, for loss accounting and the timeline.
 pub struct Mesh {
@@ -274,7 +277,7 @@ pub struct Mesh {
     sending: BTreeMap<u8, Arc<AtomicBool>>,
     threads: Vec<JoinHandle<()>>,
     /// (ms since t0, src k, dst k, received?)
-    pub log: Arc<Mutex<Vec<(u64, u8, u8, bool)>>>,
+    pub log: Arc<Mutex<MeshLog>>,
 }
 
 impl Mesh {

@@ -382,13 +382,13 @@ impl Core {
             d.members().len(),
             self.now
         ));
-        if let (Some(r), Some(seen)) = (meta.revision, self.max_revision) {
-            if r < seen {
-                // Older than what we already acted on: ignored entirely.
-                self.freeze = Some(Freeze::Stale { revision: r, seen });
-                self.plan();
-                return;
-            }
+        if let (Some(r), Some(seen)) = (meta.revision, self.max_revision)
+            && r < seen
+        {
+            // Older than what we already acted on: ignored entirely.
+            self.freeze = Some(Freeze::Stale { revision: r, seen });
+            self.plan();
+            return;
         }
         if let Some(r) = meta.revision {
             self.max_revision = Some(self.max_revision.map_or(r, |s| s.max(r)));

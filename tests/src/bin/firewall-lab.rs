@@ -878,10 +878,10 @@ fn time_until_passing(
                 .unwrap();
             let mut buf = [0u8; 16];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, f)) = sock.recv_from(&mut buf) {
-                    if f.ip() == src {
-                        let _ = arr_tx.send((i, Instant::now()));
-                    }
+                if let Ok((_, f)) = sock.recv_from(&mut buf)
+                    && f.ip() == src
+                {
+                    let _ = arr_tx.send((i, Instant::now()));
                 }
             }
         }));
@@ -910,10 +910,11 @@ fn time_until_passing(
                 t0.elapsed() < limit,
                 "traffic from the new member never passed everywhere"
             );
-            if let Ok((i, t)) = arr_rx.recv_timeout(Duration::from_millis(100)) {
-                if t >= since && first[i].is_none() {
-                    first[i] = Some(t);
-                }
+            if let Ok((i, t)) = arr_rx.recv_timeout(Duration::from_millis(100))
+                && t >= since
+                && first[i].is_none()
+            {
+                first[i] = Some(t);
             }
         }
         Ok(first
