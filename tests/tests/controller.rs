@@ -41,6 +41,29 @@ fn peer_list(p: &Pair, pins: &PinDir) -> Vec<String> {
         .collect()
 }
 
+/// Write the first peers file, start `firewall-ctl run` with `guards` (and
+/// extra environment), and wait until the initial peers are committed.
+fn start(
+    p: &Pair,
+    pins: &PinDir,
+    dir: &TempDir,
+    initial: &[IpAddr],
+    guards: &str,
+    env: &[(&str, &str)],
+) -> (std::path::PathBuf, std::path::PathBuf, Daemon) {
+    let peers = dir.0.join("peers.json");
+    write_peers(&peers, 1, initial);
+    let cfg = config(&dir.0, pins, &p.a_if, guards);
+    let d = Daemon::start_env(&p.a, &cfg, &dir.0.join("state"), env);
+    assert!(
+        wait_for(Duration::from_secs(20), || peer_list(p, pins).len()
+            == initial.len()),
+        "peers never committed: {}",
+        d.log()
+    );
+    (peers, cfg, d)
+}
+
 fn assert_no_loss(report: &[(IpAddr, u32, u32)], live: &[IpAddr]) {
     for (src, sent, got) in report {
         if live.contains(src) {
@@ -62,20 +85,14 @@ fn empty_then_partial_then_back_loses_no_packet() {
     let pins = PinDir::new();
     let dir = TempDir::new();
     let live = [p.b4(2), p.b4(3), p.b4(4)];
-    let peers = dir.0.join("peers.json");
-    write_peers(&peers, 1, &live);
     // A short grace: it is the guards, not the grace, that must keep the peers.
-    let cfg = config(
-        &dir.0,
+    let (peers, _cfg, d) = start(
+        &p,
         &pins,
-        &p.a_if,
+        &dir,
+        &live,
         "grace_ms = 3000\ngraceful_grace_ms = 1000",
-    );
-    let d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
-    assert!(
-        wait_for(Duration::from_secs(20), || peer_list(&p, &pins).len() == 3),
-        "peers never committed: {}",
-        d.log()
+        &[],
     );
     let traffic = Traffic::start(&p.b, &live, &p.a, p.a4(), PORT, 10);
     std::thread::sleep(Duration::from_secs(2));
@@ -125,19 +142,13 @@ fn a_peer_removed_for_good_is_evicted_after_the_grace() {
     let dir = TempDir::new();
     let live = [p.b4(2), p.b4(3), p.b4(4)];
     let gone = p.b4(5);
-    let peers = dir.0.join("peers.json");
-    write_peers(&peers, 1, &[live[0], live[1], live[2], gone]);
-    let cfg = config(
-        &dir.0,
+    let (peers, _cfg, d) = start(
+        &p,
         &pins,
-        &p.a_if,
+        &dir,
+        &[live[0], live[1], live[2], gone],
         "grace_ms = 2000\ngraceful_grace_ms = 2000",
-    );
-    let d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
-    assert!(
-        wait_for(Duration::from_secs(20), || peer_list(&p, &pins).len() == 4),
-        "{}",
-        d.log()
+        &[],
     );
     let traffic = Traffic::start(
         &p.b,
@@ -182,23 +193,17 @@ fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
     let pins = PinDir::new();
     let dir = TempDir::new();
     let live = [p.b4(2), p.b4(3), p.b4(4)];
-    let peers = dir.0.join("peers.json");
-    write_peers(&peers, 1, &live);
     // Evictions as fast as the churn: tiny grace, no shrink guard, big budget.
-    let cfg = config(
-        &dir.0,
-        &pins,
-        &p.a_if,
-        "grace_ms = 300\ngraceful_grace_ms = 300\nmax_shrink_fraction = 1.0\nmax_shrink_count = 100000\nevict_burst = 100000\nevict_rate_per_min = 6000000\nevict_max_per_window = 1000000",
-    );
     // The failpoint holds each commit 150 ms between stage and flip, so the
     // kills below land inside that window rather than by luck.
     let fp = [("FIREWALL_CTL_FAILPOINTS", "stage-to-flip-delay-ms=150")];
-    let mut d = Daemon::start_env(&p.a, &cfg, &dir.0.join("state"), &fp);
-    assert!(
-        wait_for(Duration::from_secs(20), || peer_list(&p, &pins).len() == 3),
-        "{}",
-        d.log()
+    let (peers, cfg, mut d) = start(
+        &p,
+        &pins,
+        &dir,
+        &live,
+        "grace_ms = 300\ngraceful_grace_ms = 300\nmax_shrink_fraction = 1.0\nmax_shrink_count = 100000\nevict_burst = 100000\nevict_rate_per_min = 6000000\nevict_max_per_window = 1000000",
+        &fp,
     );
     let traffic = Traffic::start(&p.b, &live, &p.a, p.a4(), PORT, 5);
     // Churn: a changing set of 5,000..15,000 extra peers, rewritten every

@@ -394,13 +394,7 @@ impl Core {
             self.max_revision = Some(self.max_revision.map_or(r, |s| s.max(r)));
         }
         // Positive evidence from complete and partial results alike.
-        let present: BTreeSet<IpNet> = d
-            .members()
-            .iter()
-            .filter(|m| m.status.present())
-            .map(|m| m.net)
-            .collect();
-        self.note_present(&present);
+        let present = self.note_present(&d);
         let members = d.members().to_vec();
         self.freeze = match d {
             Discovery::Failed { reason, .. } if reason.contains("guards.max_members") => {
@@ -464,8 +458,14 @@ impl Core {
 
     /// Positive evidence: a present member is no longer absent (nothing is
     /// held or approved for it any more), and is added if it is new.
-    fn note_present(&mut self, present: &BTreeSet<IpNet>) {
-        for n in present {
+    fn note_present(&mut self, d: &Discovery) -> BTreeSet<IpNet> {
+        let present: BTreeSet<IpNet> = d
+            .members()
+            .iter()
+            .filter(|m| m.status.present())
+            .map(|m| m.net)
+            .collect();
+        for n in &present {
             self.absent.remove(n);
             self.held.remove(n);
             self.approved.remove(n);
@@ -473,6 +473,7 @@ impl Core {
                 self.pending_adds.insert(*n, DISCOVERY);
             }
         }
+        present
     }
 
     /// The post-mortem's orchestrator, for the side-by-side replay: whatever
@@ -487,13 +488,7 @@ impl Core {
         if let Discovery::Failed { .. } = d {
             return;
         }
-        let present: BTreeSet<IpNet> = d
-            .members()
-            .iter()
-            .filter(|m| m.status.present())
-            .map(|m| m.net)
-            .collect();
-        self.note_present(&present);
+        let present = self.note_present(&d);
         let now = self.now;
         for (n, o) in &self.committed {
             if *o == DISCOVERY && !present.contains(n) {
