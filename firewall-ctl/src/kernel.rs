@@ -538,56 +538,11 @@ impl PeerStore for KernelStore {
     fn cleanup(&mut self) -> Result<u64, StoreError> {
         let generation = self.ctrl.read().committed_gen;
         let (a, b) = self.dump_exact()?;
-        let mut touched = 0u64;
-        let del4: Vec<PeerV4Key> = a
-            .iter()
-            .filter(|(_, v)| !v.visible_at(generation))
-            .map(|(k, _)| *k)
-            .collect();
-        let del6: Vec<PeerV6Key> = b
-            .iter()
-            .filter(|(_, v)| !v.visible_at(generation))
-            .map(|(k, _)| *k)
-            .collect();
-        let fix4: Vec<(PeerV4Key, PeerVal)> = a
-            .iter()
-            .filter(|(_, v)| v.visible_at(generation) && v.removed_gen != GEN_NEVER)
-            .map(|(k, v)| {
-                (
-                    *k,
-                    PeerVal {
-                        removed_gen: GEN_NEVER,
-                        ..*v
-                    },
-                )
-            })
-            .collect();
-        let fix6: Vec<(PeerV6Key, PeerVal)> = b
-            .iter()
-            .filter(|(_, v)| v.visible_at(generation) && v.removed_gen != GEN_NEVER)
-            .map(|(k, v)| {
-                (
-                    *k,
-                    PeerVal {
-                        removed_gen: GEN_NEVER,
-                        ..*v
-                    },
-                )
-            })
-            .collect();
-        batch::delete(self.v4.fd().as_fd(), &del4).map_err(io("cleanup", names::PEERS_V4))?;
-        batch::delete(self.v6.fd().as_fd(), &del6).map_err(io("cleanup", names::PEERS_V6))?;
-        let (k, v): (Vec<_>, Vec<_>) = fix4.into_iter().unzip();
-        batch::update(self.v4.fd().as_fd(), &k, &v)
-            .map_err(|(_, e)| io("cleanup", names::PEERS_V4)(e))?;
-        touched += k.len() as u64;
-        let (k, v): (Vec<_>, Vec<_>) = fix6.into_iter().unzip();
-        batch::update(self.v6.fd().as_fd(), &k, &v)
-            .map_err(|(_, e)| io("cleanup", names::PEERS_V6)(e))?;
-        touched += (k.len() + del4.len() + del6.len()) as u64;
-        self.entries = [(a.len() - del4.len()) as u64, (b.len() - del6.len()) as u64];
+        let (t4, n4) = cleanup_map(&self.v4, names::PEERS_V4, a, generation)?;
+        let (t6, n6) = cleanup_map(&self.v6, names::PEERS_V6, b, generation)?;
+        self.entries = [n4, n6];
         self.ctrl.update(|c| c.staged_gen = generation);
-        Ok(touched)
+        Ok(t4 + t6)
     }
 
     fn stage(
@@ -791,6 +746,37 @@ impl PeerStore for KernelStore {
         self.entries[1] -= (k6.len() as u64).min(self.entries[1]);
         Ok(())
     }
+}
+
+/// Bring one exact-peer map back to exactly what `generation` shows: delete
+/// the entries it does not show (half-staged additions, uncollected removals)
+/// and clear half-staged removal marks. Returns (entries touched, entries left).
+fn cleanup_map<K: aya::Pod + Default>(
+    map: &MapData,
+    name: &'static str,
+    entries: Vec<(K, PeerVal)>,
+    generation: u64,
+) -> Result<(u64, u64), StoreError> {
+    let (visible, gone): (Vec<_>, Vec<_>) = entries
+        .into_iter()
+        .partition(|(_, v)| v.visible_at(generation));
+    let delete: Vec<K> = gone.into_iter().map(|(k, _)| k).collect();
+    let (keys, values): (Vec<K>, Vec<PeerVal>) = visible
+        .iter()
+        .filter(|(_, v)| v.removed_gen != GEN_NEVER)
+        .map(|(k, v)| {
+            (
+                *k,
+                PeerVal {
+                    removed_gen: GEN_NEVER,
+                    ..*v
+                },
+            )
+        })
+        .unzip();
+    batch::delete(map.fd().as_fd(), &delete).map_err(io("cleanup", name))?;
+    batch::update(map.fd().as_fd(), &keys, &values).map_err(|(_, e)| io("cleanup", name)(e))?;
+    Ok(((delete.len() + keys.len()) as u64, visible.len() as u64))
 }
 
 /// A second handle on the same map, for aya's typed single-key API.
