@@ -150,6 +150,9 @@ impl Drop for XdpFilter {
     fn drop(&mut self) {
         let _ = self.ns.sh("xdp-filter unload xfa");
         let _ = std::fs::remove_file(&self.pin);
+        // libxdp leaves its pin directory behind; remove it only if empty, so
+        // another user's libxdp programs are never touched.
+        let _ = std::fs::remove_dir("/sys/fs/bpf/xdp");
     }
 }
 
