@@ -422,6 +422,19 @@ impl KernelStore {
         Ok(d)
     }
 
+    /// One exact entry, by a single lookup on the map fd we already hold.
+    fn lookup_exact(&self, n: &IpNet) -> Result<Option<PeerVal>, StoreError> {
+        let (map, name, key) = match n {
+            IpNet::V4(_) => (&self.v4, names::PEERS_V4, v4_key(n).addr.to_vec()),
+            IpNet::V6(_) => (&self.v6, names::PEERS_V6, v6_key(n).addr.to_vec()),
+        };
+        let bytes = crate::sys::lookup_raw(map.fd().as_fd(), &key, std::mem::size_of::<PeerVal>())
+            .map_err(io("read", name))?;
+        // SAFETY: the buffer is exactly one PeerVal (the map's value size,
+        // checked when the pin was opened); PeerVal is plain integers.
+        Ok(bytes.map(|b| unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<PeerVal>()) }))
+    }
+
     /// Every entry visible at the committed generation, with hit counts for
     /// exact peers (CIDR entries have none), sorted.
     pub fn list(&self) -> Result<Vec<PeerRow>, StoreError> {
@@ -605,29 +618,19 @@ impl PeerStore for KernelStore {
             }
         }
         // Removals keep their entry (and hit count) visible until the flip.
-        let h4 = aya::maps::HashMap::<_, PeerV4Key, PeerVal>::try_from(aya::maps::Map::HashMap(
-            clone_fd(&self.v4)?,
-        ))
-        .map_err(|e| io("open", names::PEERS_V4)(std::io::Error::other(e)))?;
-        let h6 = aya::maps::HashMap::<_, PeerV6Key, PeerVal>::try_from(aya::maps::Map::HashMap(
-            clone_fd(&self.v6)?,
-        ))
-        .map_err(|e| io("open", names::PEERS_V6)(std::io::Error::other(e)))?;
         for n in changes.remove.iter().filter(|n| is_exact(n)) {
-            if n.addr().is_ipv4() {
-                if let Ok(old) = h4.get(&v4_key(n), 0) {
-                    k4.push(v4_key(n));
-                    v4.push(PeerVal {
-                        removed_gen: generation,
-                        ..old
-                    });
-                }
-            } else if let Ok(old) = h6.get(&v6_key(n), 0) {
-                k6.push(v6_key(n));
-                v6.push(PeerVal {
+            if let Some(old) = self.lookup_exact(n)? {
+                let v = PeerVal {
                     removed_gen: generation,
                     ..old
-                });
+                };
+                if n.addr().is_ipv4() {
+                    k4.push(v4_key(n));
+                    v4.push(v)
+                } else {
+                    k6.push(v6_key(n));
+                    v6.push(v)
+                }
             }
         }
         batch::update(self.v4.fd().as_fd(), &k4, &v4)
@@ -663,39 +666,11 @@ impl PeerStore for KernelStore {
             }
             return Ok(());
         }
-        let h4 = aya::maps::HashMap::<_, PeerV4Key, PeerVal>::try_from(aya::maps::Map::HashMap(
-            clone_fd(&self.v4)?,
-        ))
-        .map_err(|e| io("open", names::PEERS_V4)(std::io::Error::other(e)))?;
-        let h6 = aya::maps::HashMap::<_, PeerV6Key, PeerVal>::try_from(aya::maps::Map::HashMap(
-            clone_fd(&self.v6)?,
-        ))
-        .map_err(|e| io("open", names::PEERS_V6)(std::io::Error::other(e)))?;
-        let get = |n: &IpNet| {
-            if n.addr().is_ipv4() {
-                h4.get(&v4_key(n), 0).ok()
-            } else {
-                h6.get(&v6_key(n), 0).ok()
-            }
-        };
-        for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
-            match get(n) {
-                Some(v)
-                    if v.added_gen == generation
-                        && v.removed_gen == GEN_NEVER
-                        && v.origin == *o => {}
-                other => return fail(format!("{n} reads back as {other:?}")),
-            }
-        }
-        for n in changes.remove.iter().filter(|n| is_exact(n)) {
-            if let Some(v) = get(n)
-                && v.removed_gen != generation
-            {
-                return fail(format!(
-                    "{n} is not marked removed at generation {generation}"
-                ));
-            }
-        }
+        crate::store::check_staged(generation, changes, |n| {
+            Ok(self
+                .lookup_exact(n)?
+                .map(|v| (v.added_gen, v.removed_gen, v.origin)))
+        })?;
         let back = self.dump_cidrs((generation & 1) as usize)?;
         if &back != cidrs {
             return fail(format!(
@@ -777,14 +752,4 @@ fn cleanup_map<K: aya::Pod + Default>(
     batch::delete(map.fd().as_fd(), &delete).map_err(io("cleanup", name))?;
     batch::update(map.fd().as_fd(), &keys, &values).map_err(|(_, e)| io("cleanup", name)(e))?;
     Ok(((delete.len() + keys.len()) as u64, visible.len() as u64))
-}
-
-/// A second handle on the same map, for aya's typed single-key API.
-fn clone_fd(m: &MapData) -> Result<MapData, StoreError> {
-    let fd = m
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(io("dup", "map"))?;
-    MapData::from_fd(fd).map_err(|e| io("dup", "map")(std::io::Error::other(e)))
 }

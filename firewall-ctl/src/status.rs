@@ -128,7 +128,14 @@ pub fn overlay_of(prog: &ProgramInfo) -> std::io::Result<Vec<OverlayRule>> {
             continue;
         }
         let data = MapData::from_id(id).map_err(std::io::Error::other)?;
-        let bytes = sys::lookup_raw(data.fd().as_fd(), 0, info.value_size() as usize)?;
+        let Some(bytes) = sys::lookup_raw(
+            data.fd().as_fd(),
+            &0u32.to_ne_bytes(),
+            info.value_size() as usize,
+        )?
+        else {
+            continue;
+        };
         if let Some(off) = bytes.windows(8).position(|w| w == OVERLAY_MAGIC)
             && off + std::mem::size_of::<OverlayTable>() <= bytes.len()
         {

@@ -81,6 +81,40 @@ pub trait PeerStore {
     fn gc(&mut self, generation: u64, removed: &[IpNet]) -> Result<(), StoreError>;
 }
 
+/// The per-entry half of `verify`, shared by both stores so the simulator
+/// exercises exactly the rule the kernel store applies: every added exact
+/// entry reads back staged for `generation` with its origin, and every removed
+/// one is marked removed at `generation` (or is already gone). `get` returns
+/// `(added_gen, removed_gen, origin)` of an entry.
+pub(crate) fn check_staged(
+    generation: u64,
+    changes: &Changes,
+    mut get: impl FnMut(&IpNet) -> Result<Option<(u64, u64, Origin)>, StoreError>,
+) -> Result<(), StoreError> {
+    let fail = |what: String| Err(StoreError::Verify { generation, what });
+    for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
+        match get(n)? {
+            Some((added, removed, origin))
+                if added == generation && removed == NEVER && origin == *o => {}
+            other => {
+                return fail(format!(
+                    "{n} reads back as {other:?} (added, removed, origin)"
+                ));
+            }
+        }
+    }
+    for n in changes.remove.iter().filter(|n| is_exact(n)) {
+        if let Some((_, removed, _)) = get(n)? {
+            if removed != generation {
+                return fail(format!(
+                    "{n} is not marked removed at generation {generation}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One exact entry of the in-memory model, as the kernel map holds it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct MemEntry {
@@ -278,19 +312,9 @@ impl PeerStore for MemStore {
     ) -> Result<(), StoreError> {
         self.take_fault(FaultPoint::Verify)?;
         let fail = |what: String| Err(StoreError::Verify { generation, what });
-        for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
-            match self.exact.get(n) {
-                Some(e) if e.added == generation && e.removed == NEVER && e.origin == *o => {}
-                other => return fail(format!("{n} reads back as {other:?}")),
-            }
-        }
-        for n in changes.remove.iter().filter(|n| is_exact(n)) {
-            if let Some(e) = self.exact.get(n)
-                && e.removed != generation
-            {
-                return fail(format!("{n} is not marked removed"));
-            }
-        }
+        check_staged(generation, changes, |n| {
+            Ok(self.exact.get(n).map(|e| (e.added, e.removed, e.origin)))
+        })?;
         if &self.cidr_slots[(generation & 1) as usize] != cidrs {
             return fail("CIDR slot differs".into());
         }
@@ -331,5 +355,47 @@ impl PeerStore for MemStore {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_staged_rejects_what_did_not_read_back() {
+        let n: IpNet = "198.18.0.7/32".parse().unwrap();
+        let add = Changes {
+            add: vec![(n, 2)],
+            remove: vec![],
+        };
+        let rm = Changes {
+            add: vec![],
+            remove: vec![n],
+        };
+        assert!(check_staged(5, &add, |_| Ok(Some((5, NEVER, 2)))).is_ok());
+        for wrong in [
+            None,
+            Some((4, NEVER, 2)),
+            Some((5, 9, 2)),
+            Some((5, NEVER, 1)),
+        ] {
+            assert!(
+                matches!(
+                    check_staged(5, &add, |_| Ok(wrong)),
+                    Err(StoreError::Verify { .. })
+                ),
+                "{wrong:?}"
+            );
+        }
+        assert!(check_staged(5, &rm, |_| Ok(Some((1, 5, 2)))).is_ok());
+        assert!(
+            check_staged(5, &rm, |_| Ok(None)).is_ok(),
+            "already gone is fine"
+        );
+        assert!(matches!(
+            check_staged(5, &rm, |_| Ok(Some((1, NEVER, 2)))),
+            Err(StoreError::Verify { .. })
+        ));
     }
 }

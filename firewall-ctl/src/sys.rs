@@ -191,9 +191,15 @@ pub fn detach_link_id(id: u32) -> io::Result<()> {
     sys_bpf(34 /* BPF_LINK_DETACH */, &mut d).map(|_| ())
 }
 
-/// Raw single-element lookup into a value buffer of the map's value size: used
-/// for `.rodata`, whose size is only known at run time.
-pub fn lookup_raw(fd: BorrowedFd<'_>, key: u32, value_size: usize) -> io::Result<Vec<u8>> {
+/// Raw single-element lookup: `key` as bytes, the value into a buffer of
+/// `value_size`; `None` if the key is absent. Used where aya's typed maps do
+/// not fit: `.rodata`, whose size is only known at run time, and single keys
+/// of the peer maps, whose fds the kernel store already holds.
+pub fn lookup_raw(
+    fd: BorrowedFd<'_>,
+    key: &[u8],
+    value_size: usize,
+) -> io::Result<Option<Vec<u8>>> {
     let mut value = vec![0u8; value_size];
     #[repr(C, align(8))]
     struct Attr {
@@ -206,12 +212,15 @@ pub fn lookup_raw(fd: BorrowedFd<'_>, key: u32, value_size: usize) -> io::Result
     let mut a = Attr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
-        key: &key as *const u32 as u64,
+        key: key.as_ptr() as u64,
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    sys_bpf(1 /* BPF_MAP_LOOKUP_ELEM */, &mut a)?;
-    Ok(value)
+    match sys_bpf(1 /* BPF_MAP_LOOKUP_ELEM */, &mut a) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// What `ip -j link show dev IF` says about XDP on it: (mode, program id).
