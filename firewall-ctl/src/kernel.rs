@@ -270,7 +270,6 @@ pub struct KernelStore {
     v6: MapData,
     cidr4: [MapData; 2],
     cidr6: [MapData; 2],
-    ctrl_map: MapData,
     ctrl: CtrlMap,
     /// Entries in PEERS_V4/V6 (visible or not), kept to refuse a full map
     /// before writing; refreshed by every load().
@@ -307,6 +306,7 @@ impl KernelStore {
                 .ok_or_else(|| LayoutError::NotAttached(dir.into()))
         };
         let ctrl_map = get(names::CTRL)?;
+        // The mapping holds its own reference to the map: the fd may close.
         let ctrl = CtrlMap::new(ctrl_map.fd().as_fd(), &dir.join(names::CTRL))?;
         let c = ctrl.read();
         if c.magic != 0 && (c.magic != CTRL_MAGIC || c.abi_version != ABI_VERSION) {
@@ -339,7 +339,6 @@ impl KernelStore {
             v6,
             cidr4: [get(names::CIDR4_0)?, get(names::CIDR4_1)?],
             cidr6: [get(names::CIDR6_0)?, get(names::CIDR6_1)?],
-            ctrl_map,
             ctrl,
             entries: [0, 0],
             capacity,
@@ -351,9 +350,6 @@ impl KernelStore {
     }
     pub fn capacity(&self) -> [u64; 2] {
         self.capacity
-    }
-    pub fn ctrl_map(&self) -> &MapData {
-        &self.ctrl_map
     }
 
     fn dump_exact(&self) -> Result<ExactDump, StoreError> {

@@ -104,12 +104,12 @@ pub(crate) fn check_staged(
         }
     }
     for n in changes.remove.iter().filter(|n| is_exact(n)) {
-        if let Some((_, removed, _)) = get(n)? {
-            if removed != generation {
-                return fail(format!(
-                    "{n} is not marked removed at generation {generation}"
-                ));
-            }
+        if let Some((_, removed, _)) = get(n)?
+            && removed != generation
+        {
+            return fail(format!(
+                "{n} is not marked removed at generation {generation}"
+            ));
         }
     }
     Ok(())

@@ -467,10 +467,6 @@ pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
-pub fn pin_exists(p: &Path) -> bool {
-    p.exists()
-}
-
 /// The MAC address of `iface` inside `ns`.
 pub fn mac_of(ns: &Ns, iface: &str) -> [u8; 6] {
     // Not /sys/class/net: nsenter keeps the root namespace's /sys on purpose.

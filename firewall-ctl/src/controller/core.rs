@@ -30,7 +30,7 @@ use super::{
     config::Guards,
     discovery::{Discovery, Member, MemberStatus, SourceMeta},
 };
-use crate::peers::{Changes, DISCOVERY, OPERATOR, Origin, PeerSet};
+use crate::peers::{Changes, DISCOVERY, Origin, PeerSet};
 
 /// Why deletions are frozen right now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,10 +305,6 @@ impl Core {
     pub fn absent(&self) -> &BTreeMap<IpNet, Absence> {
         &self.absent
     }
-    pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
     fn set_now(&mut self, now: u64) {
         // Time never runs backwards for the core, whatever the wall clock does.
         self.now = self.now.max(now);
@@ -705,15 +701,12 @@ impl Core {
             commit_failures_total: self.commit_failures_total,
         }
     }
-
-    pub fn operator_owned(&self, n: &IpNet) -> bool {
-        self.committed.get(n) == Some(&OPERATOR)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peers::OPERATOR;
 
     fn p(i: u8) -> IpNet {
         format!("198.18.0.{i}/32").parse().unwrap()

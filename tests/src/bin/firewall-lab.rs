@@ -650,15 +650,9 @@ fn losses(r: &Replay) -> BTreeMap<u8, (u64, u64, Option<u64>, Option<u64>)> {
             .or_default() += 1;
         }
     }
-    let total_got: BTreeMap<(u8, u8), u64> =
-        got.iter().fold(BTreeMap::new(), |mut m, ((s, d, _), n)| {
-            *m.entry((*s, *d)).or_default() += n;
-            m
-        });
     for ((s, d, b), n) in &sent {
         let e = out.entry(*d).or_default();
         e.0 += n;
-        let _ = s;
         let arrived = got.get(&(*s, *d, *b)).copied().unwrap_or(0)
             + got.get(&(*s, *d, b + 1)).copied().unwrap_or(0);
         if arrived == 0 {
@@ -667,7 +661,6 @@ fn losses(r: &Replay) -> BTreeMap<u8, (u64, u64, Option<u64>, Option<u64>)> {
             e.3 = Some(e.3.map_or(b * 100, |x: u64| x.max(b * 100)));
         }
     }
-    let _ = total_got;
     out
 }
 
