@@ -145,6 +145,7 @@ pub struct Control {
 
 /// Per-CPU counters, one per verdict reason.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 #[repr(C)]
 pub struct Counters {
     pub overlay: u64,

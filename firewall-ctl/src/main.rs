@@ -539,7 +539,7 @@ fn edit(pin_dir: &std::path::Path, input: &[String], add: bool) -> anyhow::Resul
 
 fn stats(pin_dir: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
     sys::check_privileges()?;
-    let read = || -> Vec<(String, status::CountersView)> {
+    let read = || -> Vec<(String, firewall_common::Counters)> {
         status::interfaces(pin_dir)
             .into_iter()
             .map(|i| {
@@ -547,7 +547,7 @@ fn stats(pin_dir: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::R
                     &attach::iface_dir(pin_dir, &i).join(firewall_common::names::COUNTERS),
                 )
                 .unwrap_or_default();
-                (i, c.into())
+                (i, c)
             })
             .collect()
     };

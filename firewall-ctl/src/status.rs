@@ -43,29 +43,6 @@ pub struct OverlayView {
     pub sport: Option<u16>,
 }
 
-#[derive(Debug, Serialize, Default, Clone, Copy)]
-pub struct CountersView {
-    pub overlay: u64,
-    pub peer: u64,
-    pub nonip: u64,
-    pub neighbour: u64,
-    pub default_drop: u64,
-    pub malformed: u64,
-}
-
-impl From<Counters> for CountersView {
-    fn from(c: Counters) -> Self {
-        CountersView {
-            overlay: c.overlay,
-            peer: c.peer,
-            nonip: c.nonip,
-            neighbour: c.neighbour,
-            default_drop: c.default_drop,
-            malformed: c.malformed,
-        }
-    }
-}
-
 #[derive(Debug, Serialize)]
 pub struct IfaceStatus {
     pub iface: String,
@@ -76,7 +53,7 @@ pub struct IfaceStatus {
     pub prog_id: Option<u32>,
     pub prog_tag: Option<String>,
     pub counters_map: Option<MapRef>,
-    pub counters: CountersView,
+    pub counters: Counters,
     pub overlay: Vec<OverlayView>,
     pub problem: Option<String>,
 }
@@ -184,7 +161,7 @@ pub fn iface_status(pin_dir: &Path, iface: &str) -> IfaceStatus {
         prog_id: None,
         prog_tag: None,
         counters_map: None,
-        counters: CountersView::default(),
+        counters: Counters::default(),
         overlay: Vec::new(),
         problem: None,
     };
@@ -227,7 +204,7 @@ pub fn iface_status(pin_dir: &Path, iface: &str) -> IfaceStatus {
         });
     }
     if let Ok(c) = read_counters(&cpath) {
-        st.counters = c.into();
+        st.counters = c;
     }
     st
 }
