@@ -456,3 +456,26 @@ impl Drop for Etcd {
         self.kill();
     }
 }
+
+/// Write the controller config for etcd discovery of `server` into
+/// `dir/firewall.toml` (state in `dir/state`), and return its path.
+pub fn etcd_config(
+    dir: &std::path::Path,
+    pins: &PinDir,
+    iface: &str,
+    server: std::net::IpAddr,
+    guards: &str,
+) -> PathBuf {
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let cfg = dir.join("firewall.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "interfaces = [\"{iface}\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"etcd\"\nendpoints = [\"http://{server}:2379\"]\nprefix = \"/firewall/peers/\"\n[guards]\n{guards}\n",
+            pins.path.display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}

@@ -47,18 +47,7 @@ fn setup(net: u8, guards: &str) -> (Pair, PinDir, TempDir, Etcd, Daemon, Vec<IpA
             &format!("put /firewall/peers/p{i} '{{\"addr\": \"{ip}\"}}'")
         ));
     }
-    std::fs::create_dir_all(dir.0.join("state")).unwrap();
-    let cfg = dir.0.join("firewall.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "interfaces = [\"{}\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"etcd\"\nendpoints = [\"http://{server}:2379\"]\nprefix = \"/firewall/peers/\"\n[guards]\n{guards}\n",
-            p.a_if,
-            pins.path.display(),
-            dir.0.join("state").display()
-        ),
-    )
-    .unwrap();
+    let cfg = firewall_tests::lab::etcd_config(&dir.0, &pins, &p.a_if, server, guards);
     let d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
     assert!(
         wait_for(Duration::from_secs(30), || allowed(&p, &pins).len()

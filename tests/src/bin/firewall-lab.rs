@@ -1029,17 +1029,7 @@ fn bench_allow() -> anyhow::Result<()> {
         anyhow::ensure!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::fs::create_dir_all(dir.0.join("state"))?;
-    let cfg = dir.0.join("firewall.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "interfaces = [\"{}\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"etcd\"\nendpoints = [\"http://{server}:2379\"]\n",
-            p.a_if,
-            pins.path.display(),
-            dir.0.join("state").display()
-        ),
-    )?;
+    let cfg = firewall_tests::lab::etcd_config(&dir.0, &pins, &p.a_if, server, "");
     let _d = firewall_tests::Daemon::start(&p.a, &cfg, &dir.0.join("state"));
     let t = Instant::now();
     while !pins.path.join("ifaces").exists() {
