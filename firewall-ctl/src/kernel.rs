@@ -599,34 +599,40 @@ impl PeerStore for KernelStore {
             origin: 0,
             _pad: 0,
         };
-        let (mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
-            let v = PeerVal {
-                origin: *o,
-                ..fresh
-            };
-            if n.addr().is_ipv4() {
-                k4.push(v4_key(n));
-                v4.push(v)
-            } else {
-                k6.push(v6_key(n));
-                v6.push(v)
-            }
-        }
+        let mut writes: Vec<(IpNet, PeerVal)> = changes
+            .add
+            .iter()
+            .filter(|(n, _)| is_exact(n))
+            .map(|(n, o)| {
+                (
+                    *n,
+                    PeerVal {
+                        origin: *o,
+                        ..fresh
+                    },
+                )
+            })
+            .collect();
         // Removals keep their entry (and hit count) visible until the flip.
         for n in changes.remove.iter().filter(|n| is_exact(n)) {
             if let Some(old) = self.lookup_exact(n)? {
-                let v = PeerVal {
-                    removed_gen: generation,
-                    ..old
-                };
-                if n.addr().is_ipv4() {
-                    k4.push(v4_key(n));
-                    v4.push(v)
-                } else {
-                    k6.push(v6_key(n));
-                    v6.push(v)
-                }
+                writes.push((
+                    *n,
+                    PeerVal {
+                        removed_gen: generation,
+                        ..old
+                    },
+                ));
+            }
+        }
+        let (mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (n, v) in writes {
+            if n.addr().is_ipv4() {
+                k4.push(v4_key(&n));
+                v4.push(v)
+            } else {
+                k6.push(v6_key(&n));
+                v6.push(v)
             }
         }
         batch::update(self.v4.fd().as_fd(), &k4, &v4)
