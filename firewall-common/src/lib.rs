@@ -15,7 +15,7 @@ pub mod overlay_toml;
 
 /// Bumped whenever a pinned map's key or value layout changes. A pin directory
 /// holding maps of another ABI is refused instead of being silently reused.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// `CTRL.magic`: "FWC1" in ASCII, so a hex dump shows what the map is.
 pub const CTRL_MAGIC: u32 = u32::from_be_bytes(*b"FWC1");
 
@@ -38,24 +38,111 @@ pub mod names {
     pub const PROGRAM: &str = "firewall";
 }
 
-/// Default capacities. The peer maps are `BPF_F_NO_PREALLOC`, so capacity costs
-/// only the bucket array (16 B per slot) until entries are inserted.
-pub const DEFAULT_MAX_PEERS: u32 = 262_144;
+/// Default capacities. `--max-peers` sets the peer tables' size at attach.
+pub const DEFAULT_MAX_PEERS: u32 = 65_536;
 pub const MAX_CIDRS: u32 = 16_384;
 
-/// Key of `PEERS_V4`: the source address as 4 bytes in network order, so bpftool
-/// prints `"addr": [198,18,0,1]` rather than a byte-swapped integer.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Exact peers live in a bucketed hash table of our own, held in a
+/// `BPF_F_MMAPABLE` array: one array element is one bucket of `SLOTS` entries.
+///
+/// Why not `BPF_MAP_TYPE_HASH`: its lookup (a call into `__htab_map_lookup_elem`,
+/// jhash, a chain walk and a `memcmp`) alone costs about 1.8-2.3x an XDP_PASS
+/// program under BPF_PROG_TEST_RUN, which leaves nothing for parsing within a
+/// 2x budget. An array lookup is inlined by the verifier to a bounds check and
+/// an add, and scanning one bucket's keys is a few compares on one cache line.
+/// Userspace writes the buckets directly through mmap, field by field, in an
+/// order that keeps every intermediate state invisible (`firewall_ctl::table`).
+pub const SLOTS: usize = 8;
+/// Buckets are sized so that a full table is at most half occupied:
+/// `buckets = next_pow2(max_peers / PEERS_PER_BUCKET)`.
+pub const PEERS_PER_BUCKET: u32 = (SLOTS / 2) as u32;
+/// An entry lives in its home bucket or, if that is full, in one of the next
+/// `MAX_PROBE - 1` buckets (linear probing by bucket). The datapath follows a
+/// bucket's `spill` count to know whether to look further, so a miss usually
+/// reads one bucket.
+pub const MAX_PROBE: u32 = 8;
+
+/// One bucket of `PEERS_V4`. The keys come first and together (one cache line)
+/// so a lookup compares them without touching the values.
+///
+/// A slot is empty iff `peer[i].removed_gen == 0`: a live entry always has a
+/// removal generation of at least 1 (or `GEN_NEVER`), and the kernel creates
+/// the array zeroed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 #[repr(C)]
-pub struct PeerV4Key {
-    pub addr: [u8; 4],
+pub struct Bucket4 {
+    /// Source addresses in network order, so bpftool prints `[198,18,0,1]`.
+    pub addr: [[u8; 4]; SLOTS],
+    /// How many entries whose home is an earlier bucket live past this one.
+    /// Zero means a lookup can stop here.
+    pub spill: u32,
+    pub _pad: u32,
+    pub peer: [PeerVal; SLOTS],
 }
 
-/// Key of `PEERS_V6`.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One bucket of `PEERS_V6`; see [`Bucket4`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 #[repr(C)]
-pub struct PeerV6Key {
-    pub addr: [u8; 16],
+pub struct Bucket6 {
+    pub addr: [[u8; 16]; SLOTS],
+    pub spill: u32,
+    pub _pad: u32,
+    pub peer: [PeerVal; SLOTS],
+}
+
+impl Default for Bucket4 {
+    fn default() -> Self {
+        Bucket4 {
+            addr: [[0; 4]; SLOTS],
+            spill: 0,
+            _pad: 0,
+            peer: [PeerVal::default(); SLOTS],
+        }
+    }
+}
+
+impl Default for Bucket6 {
+    fn default() -> Self {
+        Bucket6 {
+            addr: [[0; 16]; SLOTS],
+            spill: 0,
+            _pad: 0,
+            peer: [PeerVal::default(); SLOTS],
+        }
+    }
+}
+
+/// The home-bucket hash of an IPv4 source given as its 4 bytes loaded as one
+/// native-endian word (what both the datapath's load and
+/// `u32::from_ne_bytes(octets)` produce). Multiply-shift with a random odd
+/// multiplier from `CTRL`: one multiply in the datapath, and keyed, so an
+/// address set cannot be chosen to pile into one bucket without the seed.
+#[inline(always)]
+pub fn hash4(word: u32, seed: &[u64; 4]) -> u32 {
+    ((word as u64).wrapping_mul(seed[0]) >> 32) as u32
+}
+
+/// The home-bucket hash of an IPv6 source given as four native-endian words:
+/// vector multiply-add-shift (Dietzfelbinger), four multiplies.
+#[inline(always)]
+pub fn hash6(w: [u32; 4], seed: &[u64; 4]) -> u32 {
+    let t = (w[0] as u64)
+        .wrapping_mul(seed[0])
+        .wrapping_add((w[1] as u64).wrapping_mul(seed[1]))
+        .wrapping_add((w[2] as u64).wrapping_mul(seed[2]))
+        .wrapping_add((w[3] as u64).wrapping_mul(seed[3]));
+    (t >> 32) as u32
+}
+
+/// The words [`hash6`] takes, from an address's bytes.
+#[inline(always)]
+pub fn words6(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }
 
 /// Who put an entry in the peer maps. The controller only ever changes entries of
@@ -65,12 +152,14 @@ pub mod origin {
     pub const DISCOVERY: u32 = 2;
 }
 
-/// Value of the exact-peer maps.
+/// One exact peer's slot in a bucket.
 ///
 /// An entry is visible to a packet iff `added_gen <= CTRL.committed_gen < removed_gen`.
 /// Staging generation G+1 inserts new entries with `added_gen = G+1` and marks
 /// removals with `removed_gen = G+1`; neither is visible until the flip writes
-/// `committed_gen = G+1`, after which both are, at once.
+/// `committed_gen = G+1`, after which both are, at once. A change of origin is a
+/// removal of the old version plus an addition of the new one in the same
+/// bucket, so the address stays visible throughout.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct PeerVal {
@@ -141,6 +230,14 @@ pub struct Control {
     /// same instant, and a crash between the two cannot leave them disagreeing.
     pub peer_count: [u64; 2],
     pub checksum: [u64; 2],
+    /// Multipliers of [`hash4`]/[`hash6`], odd, drawn once when the pin
+    /// directory is created and fixed for the tables' lifetime.
+    pub hash_seed: [u64; 4],
+    /// Bucket index masks of `PEERS_V4` and `PEERS_V6` (bucket count - 1,
+    /// a power of two): the datapath reads them here rather than having the
+    /// table size compiled in, since `--max-peers` sets it at attach.
+    pub bucket_mask: [u32; 2],
+    pub _pad: u64,
 }
 
 /// Per-CPU counters, one per verdict reason.
@@ -294,8 +391,8 @@ pub fn prefix_contains(net: &[u8], len: u8, addr: &[u8]) -> bool {
 
 #[cfg(feature = "user")]
 mod pod {
-    unsafe impl aya::Pod for super::PeerV4Key {}
-    unsafe impl aya::Pod for super::PeerV6Key {}
+    unsafe impl aya::Pod for super::Bucket4 {}
+    unsafe impl aya::Pod for super::Bucket6 {}
     unsafe impl aya::Pod for super::PeerVal {}
     unsafe impl aya::Pod for super::CidrVal {}
     unsafe impl aya::Pod for super::Control {}
@@ -307,11 +404,14 @@ mod pod {
 // Layout asserts: a change here changes the kernel ABI and must bump ABI_VERSION.
 const _: () = {
     use core::mem::size_of;
-    assert!(size_of::<PeerV4Key>() == 4);
-    assert!(size_of::<PeerV6Key>() == 16);
+    assert!(size_of::<Bucket4>() == 32 + 8 + 32 * SLOTS);
+    assert!(size_of::<Bucket6>() == 128 + 8 + 32 * SLOTS);
+    // Array values of an MMAPABLE map are laid out back to back; a multiple of
+    // 8 keeps every bucket's u64 fields aligned in userspace's mapping.
+    assert!(size_of::<Bucket4>().is_multiple_of(8) && size_of::<Bucket6>().is_multiple_of(8));
     assert!(size_of::<PeerVal>() == 32);
     assert!(size_of::<CidrVal>() == 8);
-    assert!(size_of::<Control>() == 72);
+    assert!(size_of::<Control>() == 120);
     assert!(size_of::<Counters>() == 48);
     assert!(size_of::<OverlayRule>() == 24);
     assert!(size_of::<OverlayTable>() == 16 + 24 * OVERLAY_MAX);

@@ -132,10 +132,10 @@ pub fn attach(
             )
         {
             let existing = m.info().map(|i| i.max_entries()).unwrap_or(0);
-            if existing != req {
+            if existing != crate::table::buckets_for(req) {
                 return Err(AttachError::Capacity {
                     dir: pin_dir.into(),
-                    existing,
+                    existing: existing.saturating_mul(firewall_common::PEERS_PER_BUCKET),
                     requested: req,
                 });
             }
@@ -146,9 +146,10 @@ pub fn attach(
     check_pin(pin_dir, &counters, names::COUNTERS)?;
     loader.map_pin_path(names::COUNTERS, &counters);
     if let Some(n) = max_peers {
+        let buckets = crate::table::buckets_for(n);
         loader
-            .map_max_entries(names::PEERS_V4, n)
-            .map_max_entries(names::PEERS_V6, n);
+            .map_max_entries(names::PEERS_V4, buckets)
+            .map_max_entries(names::PEERS_V6, buckets);
     }
     let mut ebpf = loader
         .load(obj)

@@ -1,7 +1,9 @@
 //! `BPF_MAP_*_BATCH` through the raw bpf(2) syscall.
 //!
-//! Written by hand because aya 0.14 exposes no batch operations, and a 1M-entry
-//! commit done one syscall per key is ten times slower than the batch floor.
+//! Written by hand because aya 0.14 exposes no batch operations. Used for the
+//! CIDR tries (up to 16,384 entries a slot, where one syscall per key would
+//! dominate a commit) and for the controller benchmark's floor. The exact-peer
+//! tables need none of it: they are written in place through mmap.
 //! Only the `batch` member of `union bpf_attr` is declared; the kernel
 //! zero-extends a short attr.
 

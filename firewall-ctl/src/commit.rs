@@ -120,6 +120,12 @@ pub fn commit(
         return Err(e);
     }
     // From here on the new generation is what packets see.
+    let origin_changed: Vec<IpNet> = changes
+        .add
+        .iter()
+        .filter(|(n, _)| current.set.contains_key(n))
+        .map(|(n, _)| *n)
+        .collect();
     for n in &changes.remove {
         current.set.remove(n);
     }
@@ -129,12 +135,15 @@ pub fn commit(
     current.generation = generation;
     current.cidrs = cidrs;
     current.digest = digest;
-    let removed_exact: Vec<IpNet> = changes
+    // What to collect: removed entries, and the old versions that origin
+    // changes left behind (marked removed at this generation too).
+    let mut removed_exact: Vec<IpNet> = changes
         .remove
         .iter()
         .filter(|n| is_exact(n))
         .copied()
         .collect();
+    removed_exact.extend(origin_changed.into_iter().filter(is_exact));
     let gc_error = store
         .gc(generation, &removed_exact)
         .err()
@@ -212,6 +221,32 @@ mod tests {
             assert_eq!((st.visible(), cur.clone()), before, "{fault:?}");
             assert_eq!(st.load().unwrap().leftovers, 0, "{fault:?} cleaned up");
         }
+    }
+
+    #[test]
+    fn an_origin_change_never_hides_the_peer() {
+        let n = p("198.18.0.1/32");
+        let mut st = MemStore::new(100);
+        let (mut cur, _) = Committed::adopt(&mut st).unwrap();
+        let to = |o| Changes {
+            add: vec![(n, o)],
+            remove: vec![],
+        };
+        commit(&mut st, &mut cur, to(OPERATOR)).unwrap();
+        // Crash after staging the change: the peer must still be visible,
+        // with its old origin, and again after the restart's cleanup.
+        st.fault = Some(FaultPoint::Verify);
+        st.crash = true;
+        assert!(commit(&mut st, &mut cur, to(DISCOVERY)).is_err());
+        assert_eq!(st.visible().get(&n), Some(&OPERATOR));
+        st.revive();
+        let (mut cur, cleaned) = Committed::adopt(&mut st).unwrap();
+        assert!(cleaned > 0);
+        assert_eq!(st.visible().get(&n), Some(&OPERATOR));
+        // And a completed change leaves one version, with the new origin.
+        commit(&mut st, &mut cur, to(DISCOVERY)).unwrap();
+        assert_eq!(st.visible().get(&n), Some(&DISCOVERY));
+        assert_eq!(st.exact[&n].len(), 1, "old version collected");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The pinned kernel maps: layout checks, the mmapped control word, and the
-//! [`PeerStore`] protocol over real maps.
+//! [`PeerStore`] protocol over real maps (the exact-peer tables through
+//! [`crate::table`]).
 
 use std::{
     os::fd::{AsFd, BorrowedFd},
@@ -10,15 +11,16 @@ use std::{
 
 use aya::maps::{MapData, MapType};
 use firewall_common::{
-    ABI_VERSION, CTRL_MAGIC, CidrVal, Control, GEN_NEVER, LpmKeyV4, LpmKeyV6, MAX_CIDRS, PeerV4Key,
-    PeerV6Key, PeerVal, names,
+    ABI_VERSION, Bucket4, Bucket6, CTRL_MAGIC, CidrVal, Control, GEN_NEVER, LpmKeyV4, LpmKeyV6,
+    MAX_CIDRS, PeerVal, names,
 };
 use ipnet::IpNet;
 
 use crate::{
     batch,
     peers::{Changes, Digest, PeerSet, is_exact},
-    store::{Loaded, PeerStore, StoreError},
+    store::{Loaded, PeerStore, StoreError, Version},
+    table::{Family, Table, V4, V6},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +53,9 @@ pub enum LayoutError {
     },
 }
 
-/// What a map of ours must look like. `max_entries` of the peer maps is set at
-/// attach time, so it is not part of the expected shape.
+/// What a map of ours must look like. `max_entries` of the peer tables is set
+/// at attach time, so it is not part of the expected shape (CTRL's bucket
+/// masks are checked against it instead).
 struct Shape {
     name: &'static str,
     kind: MapType,
@@ -73,18 +76,18 @@ fn shapes() -> [Shape; 8] {
     [
         Shape {
             name: names::PEERS_V4,
-            kind: MapType::Hash,
+            kind: MapType::Array,
             key: 4,
-            value: sz::<PeerVal>() as u32,
-            flags: NO_PREALLOC,
+            value: sz::<Bucket4>() as u32,
+            flags: MMAPABLE,
             max_entries: None,
         },
         Shape {
             name: names::PEERS_V6,
-            kind: MapType::Hash,
-            key: 16,
-            value: sz::<PeerVal>() as u32,
-            flags: NO_PREALLOC,
+            kind: MapType::Array,
+            key: 4,
+            value: sz::<Bucket6>() as u32,
+            flags: MMAPABLE,
             max_entries: None,
         },
         Shape {
@@ -241,6 +244,8 @@ impl CtrlMap {
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).cidr6_count), c.cidr6_count);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).peer_count), c.peer_count);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).checksum), c.checksum);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).hash_seed), c.hash_seed);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).bucket_mask), c.bucket_mask);
         }
     }
 }
@@ -258,21 +263,22 @@ pub struct PeerRow {
     pub origin: u32,
     pub hits: Option<u64>,
     pub added_generation: Option<u64>,
+    /// The `PEERS_V4`/`PEERS_V6` array index holding an exact peer, for
+    /// `bpftool map lookup pinned .../PEERS_V4 key <bucket as 4 LE bytes>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<u32>,
 }
-
-/// Every entry of PEERS_V4 and PEERS_V6, visible or not.
-type ExactDump = (Vec<(PeerV4Key, PeerVal)>, Vec<(PeerV6Key, PeerVal)>);
 
 /// The shared maps of one pin directory, opened for committing.
 pub struct KernelStore {
     pub dir: PathBuf,
-    v4: MapData,
-    v6: MapData,
+    v4: Table<V4>,
+    v6: Table<V6>,
     cidr4: [MapData; 2],
     cidr6: [MapData; 2],
     ctrl: CtrlMap,
-    /// Entries in PEERS_V4/V6 (visible or not), kept to refuse a full map
-    /// before writing; refreshed by every load().
+    /// Slots in use in PEERS_V4/V6 (visible or not), kept to refuse a full
+    /// table before writing; refreshed by every load().
     entries: [u64; 2],
     capacity: [u64; 2],
 }
@@ -281,21 +287,21 @@ fn io(op: &'static str, map: &'static str) -> impl FnOnce(std::io::Error) -> Sto
     move |source| StoreError::Io { op, map, source }
 }
 
-pub fn v4_key(n: &IpNet) -> PeerV4Key {
+fn v4_addr(n: &IpNet) -> [u8; 4] {
     match n {
-        IpNet::V4(n) => PeerV4Key {
-            addr: n.addr().octets(),
-        },
-        IpNet::V6(_) => unreachable!("v6 address in v4 map"),
+        IpNet::V4(n) => n.addr().octets(),
+        IpNet::V6(_) => unreachable!("v6 address in v4 table"),
     }
 }
-pub fn v6_key(n: &IpNet) -> PeerV6Key {
+fn v6_addr(n: &IpNet) -> [u8; 16] {
     match n {
-        IpNet::V6(n) => PeerV6Key {
-            addr: n.addr().octets(),
-        },
-        IpNet::V4(_) => unreachable!("v4 address in v6 map"),
+        IpNet::V6(n) => n.addr().octets(),
+        IpNet::V4(_) => unreachable!("v4 address in v6 table"),
     }
+}
+
+fn exact_net(a: impl Into<std::net::IpAddr>) -> IpNet {
+    a.into().into()
 }
 
 impl KernelStore {
@@ -321,18 +327,50 @@ impl KernelStore {
                 version: env!("CARGO_PKG_VERSION"),
             });
         }
+        let v4 = get(names::PEERS_V4)?;
+        let v6 = get(names::PEERS_V6)?;
+        let buckets = [&v4, &v6].map(|m| m.info().map(|i| i.max_entries()).unwrap_or(0));
         if c.magic == 0 {
+            // A fresh pin directory: draw the hash seeds and record the table
+            // sizes. The magic goes last, so a crash here just repeats this.
+            let mut seed = [0u64; 4];
+            for s in &mut seed {
+                *s = rand::random::<u64>() | 1;
+            }
+            ctrl.update(|c| {
+                c.hash_seed = seed;
+                c.bucket_mask = buckets.map(|b| b.wrapping_sub(1));
+            });
             ctrl.update(|c| {
                 c.magic = CTRL_MAGIC;
                 c.abi_version = ABI_VERSION;
             });
         }
-        let v4 = get(names::PEERS_V4)?;
-        let v6 = get(names::PEERS_V6)?;
-        let capacity = [
-            v4.info().map(|i| i.max_entries() as u64).unwrap_or(0),
-            v6.info().map(|i| i.max_entries() as u64).unwrap_or(0),
-        ];
+        let c = ctrl.read();
+        for (i, name) in [names::PEERS_V4, names::PEERS_V6].into_iter().enumerate() {
+            if !buckets[i].is_power_of_two() || c.bucket_mask[i] != buckets[i] - 1 {
+                return Err(LayoutError::Mismatch {
+                    path: dir.join(name),
+                    dir: dir.into(),
+                    found: format!(
+                        "a table of {} buckets where the control word says {}",
+                        buckets[i],
+                        c.bucket_mask[i] as u64 + 1
+                    ),
+                    expected: "the sizes recorded when the directory was created".into(),
+                    version: env!("CARGO_PKG_VERSION"),
+                });
+            }
+        }
+        let mmap_err = |name: &'static str| {
+            let path = dir.join(name);
+            move |source| LayoutError::Mmap { path, source }
+        };
+        let v4 = Table::mmap(v4.fd().as_fd(), buckets[0], c.hash_seed)
+            .map_err(mmap_err(names::PEERS_V4))?;
+        let v6 = Table::mmap(v6.fd().as_fd(), buckets[1], c.hash_seed)
+            .map_err(mmap_err(names::PEERS_V6))?;
+        let capacity = [v4.capacity(), v6.capacity()];
         Ok(KernelStore {
             dir: dir.into(),
             v4,
@@ -351,13 +389,21 @@ impl KernelStore {
     pub fn capacity(&self) -> [u64; 2] {
         self.capacity
     }
+    pub fn buckets(&self) -> [u32; 2] {
+        [self.v4.buckets(), self.v6.buckets()]
+    }
 
-    fn dump_exact(&self) -> Result<ExactDump, StoreError> {
-        let a = batch::dump(self.v4.fd().as_fd(), self.capacity[0] as usize)
-            .map_err(io("read", names::PEERS_V4))?;
-        let b = batch::dump(self.v6.fd().as_fd(), self.capacity[1] as usize)
-            .map_err(io("read", names::PEERS_V6))?;
-        Ok((a, b))
+    /// Every exact entry (visible or not) with the bucket it lives in.
+    fn exact_entries(&self) -> impl Iterator<Item = (IpNet, u32, PeerVal)> + '_ {
+        let a = self
+            .v4
+            .entries()
+            .map(|(s, a, v)| (exact_net(std::net::Ipv4Addr::from(a)), s.bucket, v));
+        let b = self
+            .v6
+            .entries()
+            .map(|(s, a, v)| (exact_net(std::net::Ipv6Addr::from(a)), s.bucket, v));
+        a.chain(b)
     }
 
     fn dump_cidrs(&self, slot: usize) -> Result<PeerSet, StoreError> {
@@ -383,14 +429,11 @@ impl KernelStore {
 
     /// Everything visible at `generation`, from a full read-back.
     pub fn set_at(&self, generation: u64) -> Result<PeerSet, StoreError> {
-        let (a, b) = self.dump_exact()?;
-        let mut set = PeerSet::new();
-        for (k, v) in a.iter().filter(|(_, v)| v.visible_at(generation)) {
-            set.insert(IpNet::V4(std::net::Ipv4Addr::from(k.addr).into()), v.origin);
-        }
-        for (k, v) in b.iter().filter(|(_, v)| v.visible_at(generation)) {
-            set.insert(IpNet::V6(std::net::Ipv6Addr::from(k.addr).into()), v.origin);
-        }
+        let mut set: PeerSet = self
+            .exact_entries()
+            .filter(|(_, _, v)| v.visible_at(generation))
+            .map(|(n, _, v)| (n, v.origin))
+            .collect();
         set.extend(self.dump_cidrs((generation & 1) as usize)?);
         Ok(set)
     }
@@ -398,19 +441,11 @@ impl KernelStore {
     /// Count and checksum of everything visible at `generation`, from a full
     /// read-back, without building the set.
     pub fn digest_at(&self, generation: u64) -> Result<Digest, StoreError> {
-        let (a, b) = self.dump_exact()?;
         let mut d = Digest::default();
-        for (k, v) in a.iter().filter(|(_, v)| v.visible_at(generation)) {
-            d.add(
-                &IpNet::V4(std::net::Ipv4Addr::from(k.addr).into()),
-                v.origin,
-            );
-        }
-        for (k, v) in b.iter().filter(|(_, v)| v.visible_at(generation)) {
-            d.add(
-                &IpNet::V6(std::net::Ipv6Addr::from(k.addr).into()),
-                v.origin,
-            );
+        for (n, _, v) in self.exact_entries() {
+            if v.visible_at(generation) {
+                d.add(&n, v.origin);
+            }
         }
         for (n, o) in self.dump_cidrs((generation & 1) as usize)? {
             d.add(&n, o);
@@ -418,47 +453,36 @@ impl KernelStore {
         Ok(d)
     }
 
-    /// One exact entry, by a single lookup on the map fd we already hold.
-    fn lookup_exact(&self, n: &IpNet) -> Result<Option<PeerVal>, StoreError> {
-        let (map, name, key) = match n {
-            IpNet::V4(_) => (&self.v4, names::PEERS_V4, v4_key(n).addr.to_vec()),
-            IpNet::V6(_) => (&self.v6, names::PEERS_V6, v6_key(n).addr.to_vec()),
-        };
-        let bytes = crate::sys::lookup_raw(map.fd().as_fd(), &key, std::mem::size_of::<PeerVal>())
-            .map_err(io("read", name))?;
-        // SAFETY: the buffer is exactly one PeerVal (the map's value size,
-        // checked when the pin was opened); PeerVal is plain integers.
-        Ok(bytes.map(|b| unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<PeerVal>()) }))
+    /// Every stored version of one exact entry, from its probe window.
+    fn versions(&self, n: &IpNet) -> Vec<(crate::table::Slot, PeerVal)> {
+        match n {
+            IpNet::V4(_) => self.v4.find(&v4_addr(n)),
+            IpNet::V6(_) => self.v6.find(&v6_addr(n)),
+        }
     }
 
     /// Every entry visible at the committed generation, with hit counts for
     /// exact peers (CIDR entries have none), sorted.
     pub fn list(&self) -> Result<Vec<PeerRow>, StoreError> {
         let generation = self.ctrl.read().committed_gen;
-        let (a, b) = self.dump_exact()?;
-        let mut rows: Vec<PeerRow> = Vec::new();
-        for (k, v) in a.iter().filter(|(_, v)| v.visible_at(generation)) {
-            rows.push(PeerRow {
-                peer: IpNet::V4(std::net::Ipv4Addr::from(k.addr).into()),
+        let mut rows: Vec<PeerRow> = self
+            .exact_entries()
+            .filter(|(_, _, v)| v.visible_at(generation))
+            .map(|(peer, bucket, v)| PeerRow {
+                peer,
                 origin: v.origin,
                 hits: Some(v.hits),
                 added_generation: Some(v.added_gen),
-            });
-        }
-        for (k, v) in b.iter().filter(|(_, v)| v.visible_at(generation)) {
-            rows.push(PeerRow {
-                peer: IpNet::V6(std::net::Ipv6Addr::from(k.addr).into()),
-                origin: v.origin,
-                hits: Some(v.hits),
-                added_generation: Some(v.added_gen),
-            });
-        }
+                bucket: Some(bucket),
+            })
+            .collect();
         for (n, o) in self.dump_cidrs((generation & 1) as usize)? {
             rows.push(PeerRow {
                 peer: n,
                 origin: o,
                 hits: None,
                 added_generation: None,
+                bucket: None,
             });
         }
         rows.sort_by_key(|r| r.peer);
@@ -528,14 +552,19 @@ impl PeerStore for KernelStore {
     fn load(&mut self) -> Result<Loaded, StoreError> {
         let c = self.ctrl.read();
         let generation = c.committed_gen;
-        let (a, b) = self.dump_exact()?;
-        self.entries = [a.len() as u64, b.len() as u64];
-        let leftovers = a
-            .iter()
-            .map(|(_, v)| v)
-            .chain(b.iter().map(|(_, v)| v))
-            .filter(|v| !v.visible_at(generation) || v.removed_gen != GEN_NEVER)
-            .count() as u64;
+        // Spill counts a crash left too high only cost scan time, but fix
+        // them here, where a full scan is paid anyway.
+        self.v4.repair_spill();
+        self.v6.repair_spill();
+        let mut used = [0u64; 2];
+        let mut leftovers = 0u64;
+        for (n, _, v) in self.exact_entries() {
+            used[usize::from(n.addr().is_ipv6())] += 1;
+            if !v.visible_at(generation) || v.removed_gen != GEN_NEVER {
+                leftovers += 1;
+            }
+        }
+        self.entries = used;
         let set = self.set_at(generation)?;
         Ok(Loaded {
             generation,
@@ -546,9 +575,8 @@ impl PeerStore for KernelStore {
 
     fn cleanup(&mut self) -> Result<u64, StoreError> {
         let generation = self.ctrl.read().committed_gen;
-        let (a, b) = self.dump_exact()?;
-        let (t4, n4) = cleanup_map(&self.v4, names::PEERS_V4, a, generation)?;
-        let (t6, n6) = cleanup_map(&self.v6, names::PEERS_V6, b, generation)?;
+        let (t4, n4) = cleanup_table(&self.v4, generation);
+        let (t6, n6) = cleanup_table(&self.v6, generation);
         self.entries = [n4, n6];
         self.ctrl.update(|c| c.staged_gen = generation);
         Ok(t4 + t6)
@@ -567,80 +595,54 @@ impl PeerStore for KernelStore {
                 found: c.committed_gen,
             });
         }
-        let adds_v4 = changes
+        let (adds_v6, adds_v4): (Vec<_>, Vec<_>) = changes
             .add
             .iter()
-            .filter(|(n, _)| is_exact(n) && n.addr().is_ipv4())
-            .count() as u64;
-        let adds_v6 = changes
-            .add
-            .iter()
-            .filter(|(n, _)| is_exact(n) && n.addr().is_ipv6())
-            .count() as u64;
-        // Upper bound (an origin change rewrites an existing key): a full map is
-        // refused before the first write, so nothing is ever partly staged by it.
-        for (i, (adds, name)) in [(adds_v4, names::PEERS_V4), (adds_v6, names::PEERS_V6)]
-            .into_iter()
-            .enumerate()
-        {
-            if self.entries[i] + adds > self.capacity[i] {
+            .filter(|(n, _)| is_exact(n))
+            .partition(|(n, _)| n.addr().is_ipv6());
+        let adds = [adds_v4.len() as u64, adds_v6.len() as u64];
+        // Every add takes a slot (an origin change too, until its old version
+        // is collected): a full table is refused before the first write, so
+        // nothing is ever partly staged by it.
+        for (i, name) in [names::PEERS_V4, names::PEERS_V6].into_iter().enumerate() {
+            if self.entries[i] + adds[i] > self.capacity[i] {
                 return Err(StoreError::MapFull {
                     map: name,
                     capacity: self.capacity[i],
-                    needed: self.entries[i] + adds,
+                    needed: self.entries[i] + adds[i],
                 });
             }
         }
         self.ctrl.update(|c| c.staged_gen = generation);
-        let fresh = PeerVal {
-            added_gen: generation,
-            removed_gen: GEN_NEVER,
-            hits: 0,
-            origin: 0,
-            _pad: 0,
-        };
-        let mut writes: Vec<(IpNet, PeerVal)> = changes
-            .add
+        let committed = generation - 1;
+        let live = |v: &PeerVal| v.visible_at(committed) && v.removed_gen == GEN_NEVER;
+        // Removals and the old versions of origin changes: marked, and they
+        // stay visible (with their hit counts) until the flip.
+        let marks = changes
+            .remove
             .iter()
-            .filter(|(n, _)| is_exact(n))
-            .map(|(n, o)| {
-                (
-                    *n,
-                    PeerVal {
-                        origin: *o,
-                        ..fresh
-                    },
-                )
-            })
-            .collect();
-        // Removals keep their entry (and hit count) visible until the flip.
-        for n in changes.remove.iter().filter(|n| is_exact(n)) {
-            if let Some(old) = self.lookup_exact(n)? {
-                writes.push((
-                    *n,
-                    PeerVal {
-                        removed_gen: generation,
-                        ..old
-                    },
-                ));
+            .filter(|n| is_exact(n))
+            .chain(adds_v4.iter().chain(&adds_v6).map(|(n, _)| n));
+        for n in marks {
+            for (slot, v) in self.versions(n) {
+                if live(&v) {
+                    match n {
+                        IpNet::V4(_) => self.v4.set_removed(slot, generation),
+                        IpNet::V6(_) => self.v6.set_removed(slot, generation),
+                    }
+                }
             }
         }
-        let (mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (n, v) in writes {
-            if n.addr().is_ipv4() {
-                k4.push(v4_key(&n));
-                v4.push(v)
-            } else {
-                k6.push(v6_key(&n));
-                v6.push(v)
-            }
+        for (n, o) in &adds_v4 {
+            self.v4
+                .insert(v4_addr(n), crate::table::staged(generation, *o))?;
+            self.entries[0] += 1;
         }
-        batch::update(self.v4.fd().as_fd(), &k4, &v4)
-            .map_err(|(_, e)| io("stage", names::PEERS_V4)(e))?;
-        batch::update(self.v6.fd().as_fd(), &k6, &v6)
-            .map_err(|(_, e)| io("stage", names::PEERS_V6)(e))?;
-        self.entries[0] += adds_v4;
-        self.entries[1] += adds_v6;
+        for (n, o) in &adds_v6 {
+            self.v6
+                .insert(v6_addr(n), crate::table::staged(generation, *o))?;
+            self.entries[1] += 1;
+        }
         self.write_cidr_slot((generation & 1) as usize, cidrs)
     }
 
@@ -670,8 +672,10 @@ impl PeerStore for KernelStore {
         }
         crate::store::check_staged(generation, changes, |n| {
             Ok(self
-                .lookup_exact(n)?
-                .map(|v| (v.added_gen, v.removed_gen, v.origin)))
+                .versions(n)
+                .into_iter()
+                .map(|(_, v)| -> Version { (v.added_gen, v.removed_gen, v.origin) })
+                .collect())
         })?;
         let back = self.dump_cidrs((generation & 1) as usize)?;
         if &back != cidrs {
@@ -706,52 +710,42 @@ impl PeerStore for KernelStore {
     }
 
     fn gc(&mut self, generation: u64, removed: &[IpNet]) -> Result<(), StoreError> {
-        let _ = generation;
-        let k4: Vec<PeerV4Key> = removed
-            .iter()
-            .filter(|n| n.addr().is_ipv4())
-            .map(v4_key)
-            .collect();
-        let k6: Vec<PeerV6Key> = removed
-            .iter()
-            .filter(|n| n.addr().is_ipv6())
-            .map(v6_key)
-            .collect();
-        batch::delete(self.v4.fd().as_fd(), &k4).map_err(io("collect", names::PEERS_V4))?;
-        batch::delete(self.v6.fd().as_fd(), &k6).map_err(io("collect", names::PEERS_V6))?;
-        self.entries[0] -= (k4.len() as u64).min(self.entries[0]);
-        self.entries[1] -= (k6.len() as u64).min(self.entries[1]);
+        for n in removed {
+            for (slot, v) in self.versions(n) {
+                // Removed at or before the committed generation: no packet
+                // can see it any more.
+                if v.removed_gen <= generation {
+                    match n {
+                        IpNet::V4(_) => self.v4.free(slot),
+                        IpNet::V6(_) => self.v6.free(slot),
+                    }
+                    let i = usize::from(n.addr().is_ipv6());
+                    self.entries[i] = self.entries[i].saturating_sub(1);
+                }
+            }
+        }
         Ok(())
     }
 }
 
-/// Bring one exact-peer map back to exactly what `generation` shows: delete
-/// the entries it does not show (half-staged additions, uncollected removals)
-/// and clear half-staged removal marks. Returns (entries touched, entries left).
-fn cleanup_map<K: aya::Pod + Default>(
-    map: &MapData,
-    name: &'static str,
-    entries: Vec<(K, PeerVal)>,
-    generation: u64,
-) -> Result<(u64, u64), StoreError> {
-    let (visible, gone): (Vec<_>, Vec<_>) = entries
-        .into_iter()
-        .partition(|(_, v)| v.visible_at(generation));
-    let delete: Vec<K> = gone.into_iter().map(|(k, _)| k).collect();
-    let (keys, values): (Vec<K>, Vec<PeerVal>) = visible
-        .iter()
-        .filter(|(_, v)| v.removed_gen != GEN_NEVER)
-        .map(|(k, v)| {
-            (
-                *k,
-                PeerVal {
-                    removed_gen: GEN_NEVER,
-                    ..*v
-                },
-            )
-        })
-        .unzip();
-    batch::delete(map.fd().as_fd(), &delete).map_err(io("cleanup", name))?;
-    batch::update(map.fd().as_fd(), &keys, &values).map_err(|(_, e)| io("cleanup", name)(e))?;
-    Ok(((delete.len() + keys.len()) as u64, visible.len() as u64))
+/// Bring one exact-peer table back to exactly what `generation` shows: free
+/// the slots it does not show (half-staged additions, uncollected removals)
+/// and clear half-staged removal marks. Returns (slots touched, slots left).
+fn cleanup_table<F: Family>(t: &Table<F>, generation: u64) -> (u64, u64) {
+    let (mut touched, mut left) = (0, 0);
+    let slots: Vec<_> = t.entries().collect();
+    for (slot, _, v) in slots {
+        if !v.visible_at(generation) {
+            t.free(slot);
+            touched += 1;
+        } else {
+            if v.removed_gen != GEN_NEVER {
+                t.set_removed(slot, GEN_NEVER);
+                touched += 1;
+            }
+            left += 1;
+        }
+    }
+    t.repair_spill();
+    (touched, left)
 }

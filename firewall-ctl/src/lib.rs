@@ -13,6 +13,7 @@ pub mod sim;
 pub mod status;
 pub mod store;
 pub mod sys;
+pub mod table;
 
 /// The XDP object built by build.rs. Empty when built with AYA_BUILD_SKIP=1 or
 /// without the `ebpf` feature; [`ebpf_obj`] turns that into a clear error.

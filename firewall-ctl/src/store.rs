@@ -37,6 +37,8 @@ pub enum StoreError {
         "the datapath state is not what this commit started from (committed generation is {found}, expected {expected}); another writer is active, retry"
     )]
     Conflict { expected: u64, found: u64 },
+    #[error(transparent)]
+    NoSlot(#[from] crate::table::NoSlot),
     #[error("injected fault: {0}")]
     Injected(&'static str),
 }
@@ -81,32 +83,32 @@ pub trait PeerStore {
     fn gc(&mut self, generation: u64, removed: &[IpNet]) -> Result<(), StoreError>;
 }
 
+/// One stored version of an exact entry: `(added_gen, removed_gen, origin)`.
+pub type Version = (u64, u64, Origin);
+
 /// The per-entry half of `verify`, shared by both stores so the simulator
-/// exercises exactly the rule the kernel store applies: every added exact
-/// entry reads back staged for `generation` with its origin, and every removed
-/// one is marked removed at `generation` (or is already gone). `get` returns
-/// `(added_gen, removed_gen, origin)` of an entry.
+/// exercises exactly the rule the kernel store applies: at `generation`, an
+/// added exact entry shows exactly one version, the one staged for it with its
+/// origin; a removed one shows none. `get` returns every stored version of an
+/// address (an origin change keeps the old version until it is collected).
 pub(crate) fn check_staged(
     generation: u64,
     changes: &Changes,
-    mut get: impl FnMut(&IpNet) -> Result<Option<(u64, u64, Origin)>, StoreError>,
+    mut get: impl FnMut(&IpNet) -> Result<Vec<Version>, StoreError>,
 ) -> Result<(), StoreError> {
     let fail = |what: String| Err(StoreError::Verify { generation, what });
+    let visible = |v: &&Version| v.0 <= generation && generation < v.1;
     for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
-        match get(n)? {
-            Some((added, removed, origin))
-                if added == generation && removed == NEVER && origin == *o => {}
-            other => {
-                return fail(format!(
-                    "{n} reads back as {other:?} (added, removed, origin)"
-                ));
-            }
+        let versions = get(n)?;
+        let seen: Vec<&Version> = versions.iter().filter(visible).collect();
+        if seen != [&(generation, NEVER, *o)] {
+            return fail(format!(
+                "{n} reads back as {versions:?} (added, removed, origin)"
+            ));
         }
     }
     for n in changes.remove.iter().filter(|n| is_exact(n)) {
-        if let Some((_, removed, _)) = get(n)?
-            && removed != generation
-        {
+        if get(n)?.iter().any(|v| visible(&v)) {
             return fail(format!(
                 "{n} is not marked removed at generation {generation}"
             ));
@@ -115,7 +117,7 @@ pub(crate) fn check_staged(
     Ok(())
 }
 
-/// One exact entry of the in-memory model, as the kernel map holds it.
+/// One version of an exact entry in the in-memory model, as a kernel slot holds it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct MemEntry {
     pub added: u64,
@@ -139,7 +141,9 @@ pub enum FaultPoint {
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     pub committed: u64,
-    pub exact: BTreeMap<IpNet, MemEntry>,
+    /// Every stored version per address, like the kernel tables' slots: an
+    /// origin change adds a version and marks the old one removed.
+    pub exact: BTreeMap<IpNet, Vec<MemEntry>>,
     /// CIDR slots; `committed & 1` is live.
     pub cidr_slots: [PeerSet; 2],
     pub capacity: usize,
@@ -164,10 +168,12 @@ impl MemStore {
 
     /// What a packet sees right now: the datapath's view.
     pub fn visible(&self) -> PeerSet {
+        let c = self.committed;
         let mut out: PeerSet = self
             .exact
             .iter()
-            .filter(|(_, e)| e.added <= self.committed && self.committed < e.removed)
+            .flat_map(|(n, vs)| vs.iter().map(move |e| (n, e)))
+            .filter(|(_, e)| e.added <= c && c < e.removed)
             .map(|(n, e)| (*n, e.origin))
             .collect();
         out.extend(
@@ -215,6 +221,7 @@ impl PeerStore for MemStore {
         let leftovers = self
             .exact
             .values()
+            .flatten()
             // Anything but a plain visible entry: staged, marked, or removed.
             .filter(|e| !(e.added <= c && e.removed == NEVER))
             .count() as u64;
@@ -229,19 +236,18 @@ impl PeerStore for MemStore {
         self.alive()?;
         let c = self.committed;
         let mut touched = 0;
-        self.exact.retain(|_, e| {
-            let keep = e.added <= c && c < e.removed;
-            if !keep {
-                touched += 1;
-            }
-            keep
-        });
-        for e in self.exact.values_mut() {
-            if e.removed != NEVER {
-                e.removed = NEVER;
-                touched += 1;
+        for vs in self.exact.values_mut() {
+            let before = vs.len();
+            vs.retain(|e| e.added <= c && c < e.removed);
+            touched += (before - vs.len()) as u64;
+            for e in vs.iter_mut() {
+                if e.removed != NEVER {
+                    e.removed = NEVER;
+                    touched += 1;
+                }
             }
         }
+        self.exact.retain(|_, vs| !vs.is_empty());
         self.writes += touched;
         Ok(touched)
     }
@@ -253,18 +259,18 @@ impl PeerStore for MemStore {
         cidrs: &PeerSet,
     ) -> Result<(), StoreError> {
         self.alive()?;
-        let new_keys = changes
-            .add
-            .iter()
-            .filter(|(n, _)| is_exact(n) && !self.exact.contains_key(n))
-            .count();
-        if self.exact.len() + new_keys > self.capacity {
+        // Every exact add takes a new slot (an origin change too, until the
+        // old version is collected), as in the kernel tables.
+        let adds = changes.add.iter().filter(|(n, _)| is_exact(n)).count();
+        let used: usize = self.exact.values().map(Vec::len).sum();
+        if used + adds > self.capacity {
             return Err(StoreError::MapFull {
                 map: "PEERS",
                 capacity: self.capacity as u64,
-                needed: (self.exact.len() + new_keys) as u64,
+                needed: (used + adds) as u64,
             });
         }
+        let c = self.committed;
         let budget = match self.fault {
             Some(FaultPoint::StageAfter(n)) => Some(n),
             _ => None,
@@ -280,21 +286,29 @@ impl PeerStore for MemStore {
             s.writes += 1;
             Ok(())
         };
+        let live = |e: &MemEntry| e.added <= c && e.removed == NEVER;
         for (n, o) in changes.add.iter().filter(|(n, _)| is_exact(n)) {
+            if self.exact.get(n).is_some_and(|vs| vs.iter().any(live)) {
+                tick(self)?;
+                for e in self.exact.get_mut(n).into_iter().flatten() {
+                    if live(e) {
+                        e.removed = generation;
+                    }
+                }
+            }
             tick(self)?;
-            self.exact.insert(
-                *n,
-                MemEntry {
-                    added: generation,
-                    removed: NEVER,
-                    origin: *o,
-                },
-            );
+            self.exact.entry(*n).or_default().push(MemEntry {
+                added: generation,
+                removed: NEVER,
+                origin: *o,
+            });
         }
         for n in changes.remove.iter().filter(|n| is_exact(n)) {
             tick(self)?;
-            if let Some(e) = self.exact.get_mut(n) {
-                e.removed = generation;
+            for e in self.exact.get_mut(n).into_iter().flatten() {
+                if live(e) {
+                    e.removed = generation;
+                }
             }
         }
         let slot = (generation & 1) as usize;
@@ -313,15 +327,23 @@ impl PeerStore for MemStore {
         self.take_fault(FaultPoint::Verify)?;
         let fail = |what: String| Err(StoreError::Verify { generation, what });
         check_staged(generation, changes, |n| {
-            Ok(self.exact.get(n).map(|e| (e.added, e.removed, e.origin)))
+            Ok(self
+                .exact
+                .get(n)
+                .into_iter()
+                .flatten()
+                .map(|e| (e.added, e.removed, e.origin))
+                .collect())
         })?;
         if &self.cidr_slots[(generation & 1) as usize] != cidrs {
             return fail("CIDR slot differs".into());
         }
         let mut d = Digest::default();
-        for (n, e) in &self.exact {
-            if e.added <= generation && generation < e.removed {
-                d.add(n, e.origin);
+        for (n, vs) in &self.exact {
+            for e in vs {
+                if e.added <= generation && generation < e.removed {
+                    d.add(n, e.origin);
+                }
             }
         }
         for (n, o) in cidrs {
@@ -349,9 +371,13 @@ impl PeerStore for MemStore {
     fn gc(&mut self, generation: u64, removed: &[IpNet]) -> Result<(), StoreError> {
         self.take_fault(FaultPoint::Gc)?;
         for n in removed {
-            if self.exact.get(n).is_some_and(|e| e.removed <= generation) {
-                self.exact.remove(n);
-                self.writes += 1;
+            if let Some(vs) = self.exact.get_mut(n) {
+                let before = vs.len();
+                vs.retain(|e| e.removed > generation);
+                self.writes += (before - vs.len()) as u64;
+                if vs.is_empty() {
+                    self.exact.remove(n);
+                }
             }
         }
         Ok(())
@@ -373,28 +399,33 @@ mod tests {
             add: vec![],
             remove: vec![n],
         };
-        assert!(check_staged(5, &add, |_| Ok(Some((5, NEVER, 2)))).is_ok());
+        assert!(check_staged(5, &add, |_| Ok(vec![(5, NEVER, 2)])).is_ok());
+        assert!(
+            check_staged(5, &add, |_| Ok(vec![(1, 5, 1), (5, NEVER, 2)])).is_ok(),
+            "an origin change: the old version is marked removed"
+        );
         for wrong in [
-            None,
-            Some((4, NEVER, 2)),
-            Some((5, 9, 2)),
-            Some((5, NEVER, 1)),
+            vec![],
+            vec![(4, NEVER, 2)],
+            vec![(5, 9, 2)],
+            vec![(5, NEVER, 1)],
+            vec![(1, NEVER, 1), (5, NEVER, 2)],
         ] {
             assert!(
                 matches!(
-                    check_staged(5, &add, |_| Ok(wrong)),
+                    check_staged(5, &add, |_| Ok(wrong.clone())),
                     Err(StoreError::Verify { .. })
                 ),
                 "{wrong:?}"
             );
         }
-        assert!(check_staged(5, &rm, |_| Ok(Some((1, 5, 2)))).is_ok());
+        assert!(check_staged(5, &rm, |_| Ok(vec![(1, 5, 2)])).is_ok());
         assert!(
-            check_staged(5, &rm, |_| Ok(None)).is_ok(),
+            check_staged(5, &rm, |_| Ok(vec![])).is_ok(),
             "already gone is fine"
         );
         assert!(matches!(
-            check_staged(5, &rm, |_| Ok(Some((1, NEVER, 2)))),
+            check_staged(5, &rm, |_| Ok(vec![(1, NEVER, 2)])),
             Err(StoreError::Verify { .. })
         ));
     }

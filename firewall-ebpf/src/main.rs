@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use firewall_common::{
-    CidrVal, Control, Counters, DEFAULT_MAX_PEERS, MAX_CIDRS, OVERLAY_MAGIC, OverlayRule,
-    OverlayTable, PeerV4Key, PeerV6Key, PeerVal, Reason,
+    Bucket4, Bucket6, CidrVal, Control, Counters, DEFAULT_MAX_PEERS, MAX_CIDRS, MAX_PROBE,
+    OVERLAY_MAGIC, OverlayRule, OverlayTable, PEERS_PER_BUCKET, Reason, SLOTS, hash4, hash6,
 };
 
 // `firewall()` indexes the counters by reason; pin the enum to that order.
@@ -40,15 +40,19 @@ include!(concat!(env!("OUT_DIR"), "/overlay.rs"));
 const BPF_F_NO_PREALLOC: usize = 1;
 const BPF_F_MMAPABLE: usize = 1 << 10;
 
-// Exact peers. NO_PREALLOC: an updated element is freed only after an RCU grace
-// period, so a packet that found it never sees it rewritten under it (prealloc
-// maps recycle elements at once), and capacity costs no memory until used.
+const DEFAULT_BUCKETS: usize = (DEFAULT_MAX_PEERS / PEERS_PER_BUCKET) as usize;
+
+// Exact peers: bucketed hash tables in mmapable arrays (why, and the slot
+// protocol, in firewall_common::SLOTS and firewall_ctl::table). The size here
+// is the default; attach sets it from --max-peers and CTRL.bucket_mask says it.
 #[btf_map]
-static PEERS_V4: HashMap<PeerV4Key, PeerVal, { DEFAULT_MAX_PEERS as usize }, BPF_F_NO_PREALLOC> =
-    HashMap::new();
+static PEERS_V4: Array<Bucket4, DEFAULT_BUCKETS, BPF_F_MMAPABLE> = Array::new();
 #[btf_map]
-static PEERS_V6: HashMap<PeerV6Key, PeerVal, { DEFAULT_MAX_PEERS as usize }, BPF_F_NO_PREALLOC> =
-    HashMap::new();
+static PEERS_V6: Array<Bucket6, DEFAULT_BUCKETS, BPF_F_MMAPABLE> = Array::new();
+// Only for the `lookup_floor` benchmark baseline: a kernel hash map of sources.
+// NO_PREALLOC and small, so the unused copy every attach creates costs nothing.
+#[btf_map]
+static HASH_FLOOR: HashMap<[u8; 4], u32, 16_384, BPF_F_NO_PREALLOC> = HashMap::new();
 // CIDR peers: two tries per family, the live one is `committed_gen & 1`.
 #[btf_map]
 static CIDR4_0: LpmTrie<[u8; 4], CidrVal, { MAX_CIDRS as usize }> = LpmTrie::new();
@@ -98,19 +102,14 @@ pub fn pass_floor(_ctx: XdpContext) -> u32 {
 }
 
 /// Benchmark baseline: parse nothing but the IPv4 source at a fixed offset and
-/// do one hash lookup of it. It is what any hash-based source filter costs at
-/// least, so `cargo xtask bench datapath` reports our overhead above it.
+/// do one `BPF_MAP_TYPE_HASH` lookup of it: what any source filter built on the
+/// kernel's hash map costs at least, shown next to ours in the benchmark.
 #[xdp]
 pub fn lookup_floor(ctx: XdpContext) -> u32 {
     let Some(p) = ptr_at::<[u8; 4]>(&ctx, EthHdr::LEN + 12) else {
         return xdp_action::XDP_DROP;
     };
-    if PEERS_V4
-        .get_ptr(PeerV4Key {
-            addr: unsafe { *p },
-        })
-        .is_some()
-    {
+    if HASH_FLOOR.get_ptr(unsafe { &*p }).is_some() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -176,6 +175,70 @@ fn committed() -> Option<&'static Control> {
     CTRL.get(0)
 }
 
+// The exact-peer lookups. `ctrl.committed_gen` is read before any bucket, so a
+// slot that userspace is writing for the staged generation (committed + 1) is
+// invisible to this packet however its fields interleave with our reads. Keys
+// are compared as whole words: the buckets are 8-byte aligned array values,
+// so `addr[i]` is 4-aligned (v4) or 8-aligned (v6).
+
+#[inline(always)]
+fn peer_v4(ctrl: &Control, word: u32) -> bool {
+    let generation = ctrl.committed_gen;
+    let mask = ctrl.bucket_mask[0];
+    let mut b = hash4(word, &ctrl.hash_seed);
+    for _ in 0..MAX_PROBE {
+        let Some(bucket) = PEERS_V4.get_ptr_mut(b & mask) else {
+            return false;
+        };
+        let bucket = unsafe { &mut *bucket };
+        for i in 0..SLOTS {
+            let k = unsafe { core::ptr::read(bucket.addr[i].as_ptr() as *const u32) };
+            if k == word && bucket.peer[i].visible_at(generation) {
+                bucket.peer[i].hits += 1;
+                return true;
+            }
+        }
+        if bucket.spill == 0 {
+            return false;
+        }
+        b = b.wrapping_add(1);
+    }
+    false
+}
+
+#[inline(always)]
+fn peer_v6(ctrl: &Control, hi: u64, lo: u64) -> bool {
+    let generation = ctrl.committed_gen;
+    let mask = ctrl.bucket_mask[1];
+    // The BPF target is little-endian: the low half of a native u64 load is
+    // the first 4 bytes, as `firewall_common::words6` takes them.
+    let mut b = hash6(
+        [hi as u32, (hi >> 32) as u32, lo as u32, (lo >> 32) as u32],
+        &ctrl.hash_seed,
+    );
+    for _ in 0..MAX_PROBE {
+        let Some(bucket) = PEERS_V6.get_ptr_mut(b & mask) else {
+            return false;
+        };
+        let bucket = unsafe { &mut *bucket };
+        for i in 0..SLOTS {
+            let k = bucket.addr[i].as_ptr() as *const u64;
+            if unsafe { core::ptr::read(k) } == hi
+                && unsafe { core::ptr::read(k.add(1)) } == lo
+                && bucket.peer[i].visible_at(generation)
+            {
+                bucket.peer[i].hits += 1;
+                return true;
+            }
+        }
+        if bucket.spill == 0 {
+            return false;
+        }
+        b = b.wrapping_add(1);
+    }
+    false
+}
+
 #[inline(always)]
 fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
@@ -211,12 +274,8 @@ fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
         return Reason::DefaultDrop;
     };
     let generation = ctrl.committed_gen;
-    if let Some(v) = PEERS_V4.get_ptr_mut(PeerV4Key { addr: src_bytes }) {
-        let v = unsafe { &mut *v };
-        if v.visible_at(generation) {
-            v.hits += 1;
-            return Reason::Peer;
-        }
+    if peer_v4(ctrl, src_raw) {
+        return Reason::Peer;
     }
     let key = Key::new(32, src_bytes);
     let hit = if generation & 1 == 0 {
@@ -293,19 +352,15 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
         }
     }
     let src_ptr = core::ptr::addr_of!(ip.src_addr) as *const u64;
-    let hi = u64::from_be(unsafe { core::ptr::read_unaligned(src_ptr) });
-    let lo = u64::from_be(unsafe { core::ptr::read_unaligned(src_ptr.add(1)) });
-    if overlay_v6(hi, lo, next, ports) {
+    let hi_ne = unsafe { core::ptr::read_unaligned(src_ptr) };
+    let lo_ne = unsafe { core::ptr::read_unaligned(src_ptr.add(1)) };
+    if overlay_v6(u64::from_be(hi_ne), u64::from_be(lo_ne), next, ports) {
         return Reason::Overlay;
     }
     if let Some(ctrl) = committed() {
         let generation = ctrl.committed_gen;
-        if let Some(v) = PEERS_V6.get_ptr_mut(PeerV6Key { addr: ip.src_addr }) {
-            let v = unsafe { &mut *v };
-            if v.visible_at(generation) {
-                v.hits += 1;
-                return Reason::Peer;
-            }
+        if peer_v6(ctrl, hi_ne, lo_ne) {
+            return Reason::Peer;
         }
         let key = Key::new(128, ip.src_addr);
         let hit = if generation & 1 == 0 {

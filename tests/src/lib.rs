@@ -17,10 +17,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{TestRun as _, Xdp},
 };
-use firewall_common::{CidrVal, Control, Counters, PeerV4Key, PeerV6Key, PeerVal, Reason};
+use firewall_common::{CidrVal, Control, Counters, PeerVal, Reason};
+use firewall_ctl::table::{Table, V4, V6};
 
 /// True if kernel tests can run here. Otherwise: under CI (`CI=true`) the
 /// test fails, elsewhere it prints why it is skipped and returns false.
@@ -344,6 +345,46 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
 /// A fresh, unpinned copy of the program with its own maps, for TEST_RUN.
 pub struct Harness {
     pub ebpf: Ebpf,
+    pub v4: Table<V4>,
+    pub v6: Table<V6>,
+}
+
+/// Hash seeds for unpinned test copies (a pin directory draws its own).
+pub const TEST_SEED: [u64; 4] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0x85eb_ca77_c2b2_ae63,
+];
+
+/// Map both exact-peer tables of an object whose programs are already loaded
+/// (this takes the maps out of `ebpf`, closing its fds: a program loaded later
+/// could not reference them).
+pub fn peer_tables(ebpf: &mut Ebpf) -> (Table<V4>, Table<V6>) {
+    let mut take = |name: &str| -> (aya::maps::MapData, u32) {
+        match ebpf.take_map(name).expect("peer table") {
+            aya::maps::Map::Array(d) => {
+                let n = d.info().expect("map info").max_entries();
+                (d, n)
+            }
+            _ => panic!("{name} is not an array"),
+        }
+    };
+    let (d4, n4) = take("PEERS_V4");
+    let (d6, n6) = take("PEERS_V6");
+    (
+        Table::mmap(std::os::fd::AsFd::as_fd(d4.fd()), n4, TEST_SEED).expect("mmap PEERS_V4"),
+        Table::mmap(std::os::fd::AsFd::as_fd(d6.fd()), n6, TEST_SEED).expect("mmap PEERS_V6"),
+    )
+}
+
+/// The control word a test copy runs with: its seeds and table sizes.
+pub fn test_control(v4: &Table<V4>, v6: &Table<V6>) -> Control {
+    Control {
+        hash_seed: TEST_SEED,
+        bucket_mask: [v4.buckets() - 1, v6.buckets() - 1],
+        ..Default::default()
+    }
 }
 
 impl Harness {
@@ -353,7 +394,8 @@ impl Harness {
             .expect("load object");
         let p: &mut Xdp = ebpf.program_mut("firewall").unwrap().try_into().unwrap();
         p.load().expect("verifier accepts the program");
-        Harness { ebpf }
+        let (v4, v6) = peer_tables(&mut ebpf);
+        Harness { ebpf, v4, v6 }
     }
     pub fn prog(&self) -> &Xdp {
         self.ebpf.program("firewall").unwrap().try_into().unwrap()
@@ -366,7 +408,7 @@ impl Harness {
                 committed_gen: generation,
                 cidr4_count: cidr4,
                 cidr6_count: cidr6,
-                ..Default::default()
+                ..test_control(&self.v4, &self.v6)
             },
             0,
         )
@@ -381,17 +423,10 @@ impl Harness {
             _pad: 0,
         };
         match addr {
-            IpAddr::V4(a) => {
-                let mut m: HashMap<_, PeerV4Key, PeerVal> =
-                    self.ebpf.map_mut("PEERS_V4").unwrap().try_into().unwrap();
-                m.insert(PeerV4Key { addr: a.octets() }, v, 0).unwrap();
-            }
-            IpAddr::V6(a) => {
-                let mut m: HashMap<_, PeerV6Key, PeerVal> =
-                    self.ebpf.map_mut("PEERS_V6").unwrap().try_into().unwrap();
-                m.insert(PeerV6Key { addr: a.octets() }, v, 0).unwrap();
-            }
+            IpAddr::V4(a) => self.v4.insert(a.octets(), v).map(drop),
+            IpAddr::V6(a) => self.v6.insert(a.octets(), v).map(drop),
         }
+        .expect("a free slot");
     }
     pub fn add_cidr(&mut self, slot: usize, net: ipnet::IpNet) {
         let v = CidrVal { origin: 1, _pad: 0 };

@@ -1,7 +1,7 @@
 //! The XDP program's verdicts on crafted frames, through BPF_PROG_TEST_RUN.
 //! Each case checks the action and that exactly the expected counter moved.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use firewall_common::{GEN_NEVER, Reason};
 use firewall_ctl::packet::{Ext, Frame, L4, arp};
@@ -395,4 +395,75 @@ fn overlay_reads_back_from_the_loaded_program() {
         .collect();
     assert_eq!(rules, want);
     assert!(rules.iter().any(|r| r.dport == 4789 && r.family == 4));
+}
+
+#[test]
+fn a_peer_past_a_full_home_bucket_is_found_by_following_spill() {
+    if !kernel_available("a_peer_past_a_full_home_bucket_is_found_by_following_spill") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.set_generation(3, [0, 0], [0, 0]);
+    // Nine sources of 2001:2::/48 with the same home bucket: eight fill it,
+    // the ninth spills into the next one. (Multiply-shift spreads runs of
+    // consecutive addresses almost perfectly, so scattered ones are searched.)
+    let mask = h.v6.buckets() - 1;
+    let home = |a: Ipv6Addr| {
+        firewall_common::hash6(
+            firewall_common::words6(&a.octets()),
+            &firewall_tests::TEST_SEED,
+        ) & mask
+    };
+    let scattered = |i: u64| {
+        let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 7);
+        Ipv6Addr::from((0x2001_0002_0000u128 << 80) | (x as u128))
+    };
+    let mut by_home: std::collections::HashMap<u32, Vec<Ipv6Addr>> = Default::default();
+    let same = (0..1_000_000u64)
+        .map(scattered)
+        .find_map(|a| {
+            let v = by_home.entry(home(a)).or_default();
+            v.push(a);
+            (v.len() == 10).then(|| v.clone())
+        })
+        .expect("ten sources sharing a bucket");
+    for a in &same[..9] {
+        h.add_exact((*a).into(), 1, GEN_NEVER);
+    }
+    let rows = h.v6.find(&same[8].octets());
+    assert_eq!(rows.len(), 1);
+    assert_ne!(
+        rows[0].0.bucket,
+        home(same[8]),
+        "the ninth lives past its home"
+    );
+    for a in &same[..9] {
+        expect(&h, &Frame::udp6(*a, 53).build(), Reason::Peer);
+    }
+    // A stranger with the same home scans on, and misses.
+    expect(&h, &Frame::udp6(same[9], 53).build(), Reason::DefaultDrop);
+}
+
+#[test]
+fn an_origin_change_keeps_two_versions_and_the_address_visible() {
+    if !kernel_available("an_origin_change_keeps_two_versions_and_the_address_visible") {
+        return;
+    }
+    // Generation 5 is committed; 6 changes the origin of both peers: the old
+    // versions are marked removed at 6, the new ones added at 6. Both before
+    // and after the flip, exactly one version is visible.
+    let mut h = Harness::new();
+    for a in [IpAddr::from(PEER4), IpAddr::from(peer6())] {
+        h.add_exact(a, 2, 6);
+        h.add_exact(a, 6, GEN_NEVER);
+    }
+    for generation in [5, 6] {
+        h.set_generation(generation, [0, 0], [0, 0]);
+        expect(&h, &Frame::udp4(PEER4, 53).build(), Reason::Peer);
+        expect(&h, &Frame::udp6(peer6(), 53).build(), Reason::Peer);
+    }
+    // Before 2 or from a later removal on, neither version is.
+    h.set_generation(1, [0, 0], [0, 0]);
+    expect(&h, &Frame::udp4(PEER4, 53).build(), Reason::DefaultDrop);
+    expect(&h, &Frame::udp6(peer6(), 53).build(), Reason::DefaultDrop);
 }

@@ -1,0 +1,528 @@
+//! The exact-peer tables, `PEERS_V4` and `PEERS_V6`, as userspace writes them:
+//! bucketed hash tables in `BPF_F_MMAPABLE` arrays, written in place through
+//! a shared mapping while the datapath reads them.
+//!
+//! Hand-written because no crate does this: it is a layout shared with the
+//! XDP program (see `firewall_common::Bucket4`), not a general-purpose table.
+//!
+//! # The slot protocol
+//!
+//! One writer (the commit lock holder) and any number of packets reading. A
+//! slot is visible to a packet iff `added_gen <= committed < removed_gen`, and
+//! a packet reads `committed` before any bucket. Every write below keeps each
+//! intermediate state of a slot invisible to every packet, or leaves its
+//! visibility unchanged:
+//!
+//! - **insert** at staged generation S = committed + 1, into an empty slot
+//!   (`removed_gen == 0`, so invisible): `added_gen = S`, origin, hits, the
+//!   address, and last `removed_gen = GEN_NEVER`. Until the flip, S is above
+//!   every committed value a packet can hold, so the slot stays invisible
+//!   however the stores interleave with a packet's loads.
+//! - **mark removed**: one aligned 8-byte store of `removed_gen = S`, which
+//!   takes effect at the flip like everything else staged.
+//! - **free** a slot that no packet can see any more (removed at or before the
+//!   committed generation, or staged and abandoned): `removed_gen = 0` first,
+//!   then the rest.
+//!
+//! Stores are `Release` and x86-64 keeps stores in order and loads in order,
+//! which is what the datapath's word-at-a-time reads rely on.
+//!
+//! Entries whose home bucket is full go to one of the next `MAX_PROBE - 1`
+//! buckets; every bucket passed over counts it in `spill`, which is raised
+//! before the entry is written and lowered after it is freed, so a packet's
+//! lookup never stops short of a visible entry. A crash between the two can
+//! only leave a count too high (a longer scan, never a missed peer), and
+//! [`Table::repair_spill`] recomputes them all on every adoption.
+
+use std::{
+    io,
+    marker::PhantomData,
+    os::fd::{AsRawFd, BorrowedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering::Release},
+};
+
+use firewall_common::{
+    Bucket4, Bucket6, GEN_NEVER, MAX_PROBE, PEERS_PER_BUCKET, PeerVal, SLOTS, hash4, hash6, names,
+    words6,
+};
+
+/// What differs between the IPv4 and IPv6 tables.
+pub trait Family {
+    type Bucket;
+    type Addr: Copy + Eq + Default + std::fmt::Debug;
+    const MAP: &'static str;
+    fn hash(a: &Self::Addr, seed: &[u64; 4]) -> u32;
+    /// # Safety
+    /// `b` points to a live bucket.
+    unsafe fn addr(b: *mut Self::Bucket, i: usize) -> *mut Self::Addr;
+    /// # Safety
+    /// `b` points to a live bucket.
+    unsafe fn spill(b: *mut Self::Bucket) -> *mut u32;
+    /// # Safety
+    /// `b` points to a live bucket.
+    unsafe fn peer(b: *mut Self::Bucket, i: usize) -> *mut PeerVal;
+    /// Store an address word by word.
+    /// # Safety
+    /// `p` points to a slot's address in a live bucket.
+    unsafe fn store_addr(p: *mut Self::Addr, a: Self::Addr);
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Bucket = Bucket4;
+    type Addr = [u8; 4];
+    const MAP: &'static str = names::PEERS_V4;
+    fn hash(a: &[u8; 4], seed: &[u64; 4]) -> u32 {
+        hash4(u32::from_ne_bytes(*a), seed)
+    }
+    unsafe fn addr(b: *mut Bucket4, i: usize) -> *mut [u8; 4] {
+        unsafe { std::ptr::addr_of_mut!((*b).addr[i]) }
+    }
+    unsafe fn spill(b: *mut Bucket4) -> *mut u32 {
+        unsafe { std::ptr::addr_of_mut!((*b).spill) }
+    }
+    unsafe fn peer(b: *mut Bucket4, i: usize) -> *mut PeerVal {
+        unsafe { std::ptr::addr_of_mut!((*b).peer[i]) }
+    }
+    unsafe fn store_addr(p: *mut [u8; 4], a: [u8; 4]) {
+        // SAFETY: addr[i] sits at a 4-aligned offset of an 8-aligned bucket.
+        unsafe { AtomicU32::from_ptr(p.cast()) }.store(u32::from_ne_bytes(a), Release);
+    }
+}
+
+impl Family for V6 {
+    type Bucket = Bucket6;
+    type Addr = [u8; 16];
+    const MAP: &'static str = names::PEERS_V6;
+    fn hash(a: &[u8; 16], seed: &[u64; 4]) -> u32 {
+        hash6(words6(a), seed)
+    }
+    unsafe fn addr(b: *mut Bucket6, i: usize) -> *mut [u8; 16] {
+        unsafe { std::ptr::addr_of_mut!((*b).addr[i]) }
+    }
+    unsafe fn spill(b: *mut Bucket6) -> *mut u32 {
+        unsafe { std::ptr::addr_of_mut!((*b).spill) }
+    }
+    unsafe fn peer(b: *mut Bucket6, i: usize) -> *mut PeerVal {
+        unsafe { std::ptr::addr_of_mut!((*b).peer[i]) }
+    }
+    unsafe fn store_addr(p: *mut [u8; 16], a: [u8; 16]) {
+        let w: *mut u64 = p.cast();
+        let hi = u64::from_ne_bytes(a[..8].try_into().expect("8 bytes"));
+        let lo = u64::from_ne_bytes(a[8..].try_into().expect("8 bytes"));
+        // SAFETY: addr[i] sits at a 16-byte offset of an 8-aligned bucket.
+        unsafe {
+            AtomicU64::from_ptr(w).store(hi, Release);
+            AtomicU64::from_ptr(w.add(1)).store(lo, Release);
+        }
+    }
+}
+
+/// Where an entry lives.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Slot {
+    pub bucket: u32,
+    pub index: usize,
+}
+
+/// No empty slot within `MAX_PROBE` buckets of the address's home.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no free slot for {addr} within {probe} buckets of its home bucket in `{map}`; nothing was committed. Re-attach with a larger `--max-peers` (after `detach --purge`)"
+)]
+pub struct NoSlot {
+    pub map: &'static str,
+    pub addr: String,
+    pub probe: u32,
+}
+
+/// One mmapped table.
+pub struct Table<F: Family> {
+    base: NonNull<F::Bucket>,
+    len: usize,
+    buckets: u32,
+    seed: [u64; 4],
+    _f: PhantomData<F>,
+}
+
+// SAFETY: the mapping is plain shared memory; all writes go through atomics.
+unsafe impl<F: Family> Send for Table<F> {}
+
+impl<F: Family> Table<F> {
+    /// Map the table behind `fd`, an MMAPABLE array of `buckets` buckets
+    /// (a power of two; the caller checked the map's shape), hashed with `seed`.
+    pub fn mmap(fd: BorrowedFd<'_>, buckets: u32, seed: [u64; 4]) -> io::Result<Self> {
+        assert!(buckets.is_power_of_two(), "bucket count is a power of two");
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = (buckets as usize * size_of::<F::Bucket>()).div_ceil(page) * page;
+        // SAFETY: mapping an MMAPABLE array of `buckets` values of this size;
+        // the kernel refuses a length beyond the map.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Table {
+            base: NonNull::new(p.cast()).expect("mmap returned NULL"),
+            len,
+            buckets,
+            seed,
+            _f: PhantomData,
+        })
+    }
+
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// Entries the table takes at most: half its slots, which keeps the
+    /// chance of a full probe window negligible.
+    pub fn capacity(&self) -> u64 {
+        self.buckets as u64 * PEERS_PER_BUCKET as u64
+    }
+
+    fn probe_len(&self) -> u32 {
+        MAX_PROBE.min(self.buckets)
+    }
+
+    fn bucket(&self, b: u32) -> *mut F::Bucket {
+        debug_assert!(b < self.buckets);
+        // SAFETY: b < buckets, inside the mapping.
+        unsafe { self.base.as_ptr().add(b as usize) }
+    }
+
+    fn read_slot(&self, s: Slot) -> (F::Addr, PeerVal) {
+        let b = self.bucket(s.bucket);
+        // SAFETY: a live bucket of the mapping; plain integers, read while
+        // the datapath may bump `hits` (a torn count is harmless).
+        unsafe {
+            (
+                std::ptr::read_volatile(F::addr(b, s.index)),
+                std::ptr::read_volatile(F::peer(b, s.index)),
+            )
+        }
+    }
+
+    fn spill_of(&self, b: u32) -> &AtomicU32 {
+        // SAFETY: spill is an aligned u32 of a live bucket.
+        unsafe { AtomicU32::from_ptr(F::spill(self.bucket(b))) }
+    }
+
+    fn home(&self, a: &F::Addr) -> u32 {
+        F::hash(a, &self.seed) & (self.buckets - 1)
+    }
+
+    /// Every non-empty slot holding `a` (at most a few: an entry and the
+    /// version that replaces it, or one waiting to be freed).
+    pub fn find(&self, a: &F::Addr) -> Vec<(Slot, PeerVal)> {
+        let mut out = Vec::new();
+        let mut b = self.home(a);
+        for _ in 0..self.probe_len() {
+            for index in 0..SLOTS {
+                let s = Slot { bucket: b, index };
+                let (addr, v) = self.read_slot(s);
+                if v.removed_gen != 0 && addr == *a {
+                    out.push((s, v));
+                }
+            }
+            if self.spill_of(b).load(std::sync::atomic::Ordering::Acquire) == 0 {
+                break;
+            }
+            b = (b + 1) & (self.buckets - 1);
+        }
+        out
+    }
+
+    /// Write `v` for `a` into the first empty slot of its probe window.
+    /// `v.removed_gen` must not be 0, and `v` must be invisible at the
+    /// committed generation (staged) — see the module's protocol.
+    pub fn insert(&self, a: F::Addr, v: PeerVal) -> Result<Slot, NoSlot> {
+        debug_assert!(v.removed_gen != 0);
+        let home = self.home(&a);
+        let mut b = home;
+        for dist in 0..self.probe_len() {
+            for index in 0..SLOTS {
+                let s = Slot { bucket: b, index };
+                if self.read_slot(s).1.removed_gen != 0 {
+                    continue;
+                }
+                for d in 0..dist {
+                    self.spill_of((home + d) & (self.buckets - 1))
+                        .fetch_add(1, Release);
+                }
+                let bp = self.bucket(b);
+                // SAFETY: fields of a live, empty slot; see the protocol.
+                unsafe {
+                    let p = F::peer(bp, index);
+                    AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).added_gen))
+                        .store(v.added_gen, Release);
+                    AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).hits)).store(v.hits, Release);
+                    AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).origin))
+                        .store(v.origin, Release);
+                    F::store_addr(F::addr(bp, index), a);
+                    AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).removed_gen))
+                        .store(v.removed_gen, Release);
+                }
+                return Ok(s);
+            }
+            b = (b + 1) & (self.buckets - 1);
+        }
+        Err(NoSlot {
+            map: F::MAP,
+            addr: format!("{a:?}"),
+            probe: self.probe_len(),
+        })
+    }
+
+    /// Set a slot's `removed_gen` with one store: the staging of a removal,
+    /// or (with `GEN_NEVER`) undoing a half-staged one.
+    pub fn set_removed(&self, s: Slot, generation: u64) {
+        // SAFETY: an aligned u64 of a live slot.
+        unsafe {
+            AtomicU64::from_ptr(std::ptr::addr_of_mut!(
+                (*F::peer(self.bucket(s.bucket), s.index)).removed_gen
+            ))
+            .store(generation, Release)
+        };
+    }
+
+    /// Empty a slot that no packet can see (the caller checked), and lower
+    /// the spill counts its entry had raised.
+    pub fn free(&self, s: Slot) {
+        let (addr, _) = self.read_slot(s);
+        let bp = self.bucket(s.bucket);
+        // SAFETY: fields of a live slot; removed_gen = 0 marks it empty first.
+        unsafe {
+            let p = F::peer(bp, s.index);
+            AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).removed_gen)).store(0, Release);
+            AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).added_gen)).store(0, Release);
+            AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).hits)).store(0, Release);
+            AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).origin)).store(0, Release);
+            F::store_addr(F::addr(bp, s.index), F::Addr::default());
+        }
+        let home = self.home(&addr);
+        let dist = s.bucket.wrapping_sub(home) & (self.buckets - 1);
+        for d in 0..dist {
+            let sp = self.spill_of((home + d) & (self.buckets - 1));
+            // Saturating: a count a crash left too low would be a bug, but
+            // wrapping it would make a lookup scan to its bound forever.
+            let _ = sp.fetch_update(Release, std::sync::atomic::Ordering::Acquire, |x| {
+                Some(x.saturating_sub(1))
+            });
+        }
+    }
+
+    /// Every non-empty slot, in table order.
+    pub fn entries(&self) -> impl Iterator<Item = (Slot, F::Addr, PeerVal)> + '_ {
+        (0..self.buckets).flat_map(move |bucket| {
+            (0..SLOTS).filter_map(move |index| {
+                let s = Slot { bucket, index };
+                let (a, v) = self.read_slot(s);
+                (v.removed_gen != 0).then_some((s, a, v))
+            })
+        })
+    }
+
+    /// Recompute every bucket's spill count from the entries present, fixing
+    /// counts that a crash between a count and its entry left too high.
+    /// Raises before it lowers, so no lookup can stop short meanwhile.
+    /// Returns how many buckets it corrected.
+    pub fn repair_spill(&self) -> u64 {
+        let mut want = vec![0u32; self.buckets as usize];
+        for (s, a, _) in self.entries() {
+            let home = self.home(&a);
+            let dist = s.bucket.wrapping_sub(home) & (self.buckets - 1);
+            for d in 0..dist {
+                want[((home + d) & (self.buckets - 1)) as usize] += 1;
+            }
+        }
+        let mut fixed = 0;
+        for raise in [true, false] {
+            for (b, w) in want.iter().enumerate() {
+                let sp = self.spill_of(b as u32);
+                let cur = sp.load(std::sync::atomic::Ordering::Acquire);
+                if (raise && cur < *w) || (!raise && cur > *w) {
+                    sp.store(*w, Release);
+                    fixed += 1;
+                }
+            }
+        }
+        fixed
+    }
+}
+
+impl<F: Family> Drop for Table<F> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what mmap() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A fresh staged value: visible from `generation` on, once flipped.
+pub fn staged(generation: u64, origin: u32) -> PeerVal {
+    PeerVal {
+        added_gen: generation,
+        removed_gen: GEN_NEVER,
+        hits: 0,
+        origin,
+        _pad: 0,
+    }
+}
+
+/// Bucket count for a requested peer capacity: half-full at capacity,
+/// a power of two, at least one.
+pub fn buckets_for(max_peers: u32) -> u32 {
+    max_peers
+        .div_ceil(PEERS_PER_BUCKET)
+        .max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    impl<F: Family> Table<F> {
+        /// A table in anonymous shared memory, for tests without the kernel.
+        fn anonymous(buckets: u32, seed: [u64; 4]) -> Self {
+            let len = buckets as usize * size_of::<F::Bucket>();
+            // SAFETY: a fresh anonymous mapping, zeroed like a new BPF array.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            Table {
+                base: NonNull::new(p.cast()).unwrap(),
+                len,
+                buckets,
+                seed,
+                _f: PhantomData,
+            }
+        }
+
+        /// The XDP program's lookup, step for step: scan the home bucket,
+        /// follow `spill`, stop at the first visible match.
+        fn datapath_lookup(&self, a: &F::Addr, committed: u64) -> bool {
+            let mut b = self.home(a);
+            for _ in 0..MAX_PROBE {
+                for index in 0..SLOTS {
+                    let (k, v) = self.read_slot(Slot { bucket: b, index });
+                    if k == *a && v.visible_at(committed) {
+                        return true;
+                    }
+                }
+                if self.spill_of(b).load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return false;
+                }
+                b = (b + 1) & (self.buckets - 1);
+            }
+            false
+        }
+    }
+
+    const SEED: [u64; 4] = [0x9e37_79b9_7f4a_7c15, 3, 5, 7];
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert(u8),
+        Remove(u8),
+        Free(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // A pool of 40 addresses into 4 buckets of 8: home buckets overflow
+        // and probing, spill counts and wrap-around all get exercised.
+        prop_oneof![
+            3 => (0u8..40).prop_map(Op::Insert),
+            1 => (0u8..40).prop_map(Op::Remove),
+            1 => (0u8..40).prop_map(Op::Free),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn table_matches_a_model_and_the_datapath_finds_every_entry(
+            ops in proptest::collection::vec(op(), 1..200)
+        ) {
+            let t: Table<V4> = Table::anonymous(4, SEED);
+            let addr = |i: u8| [198, 18, 7, i];
+            // Model: address -> (slot, value) of its single live entry.
+            let mut model: std::collections::BTreeMap<u8, (Slot, PeerVal)> = Default::default();
+            for op in ops {
+                match op {
+                    Op::Insert(i) if !model.contains_key(&i) => match t.insert(addr(i), staged(1, 2)) {
+                        Ok(s) => { model.insert(i, (s, staged(1, 2))); }
+                        Err(_) => prop_assert!(model.len() >= 4 * SLOTS - SLOTS, "NoSlot with {} entries", model.len()),
+                    },
+                    Op::Remove(i) => if let Some((s, v)) = model.get_mut(&i) {
+                        t.set_removed(*s, 2);
+                        v.removed_gen = 2;
+                    },
+                    Op::Free(i) => if let Some((s, _)) = model.remove(&i) {
+                        t.free(s);
+                    },
+                    _ => {}
+                }
+                prop_assert_eq!(t.repair_spill(), 0, "spill counts drifted");
+                for i in 0..40u8 {
+                    let found: Vec<_> = t.find(&addr(i)).into_iter().map(|(s, v)| (s, v.removed_gen)).collect();
+                    let want: Vec<_> = model.get(&i).map(|(s, v)| (*s, v.removed_gen)).into_iter().collect();
+                    prop_assert_eq!(&found, &want, "find({})", i);
+                    let visible = model.get(&i).is_some_and(|(_, v)| v.visible_at(1));
+                    prop_assert_eq!(t.datapath_lookup(&addr(i), 1), visible, "lookup({})", i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_probe_window_is_refused_not_overwritten() {
+        let t: Table<V6> = Table::anonymous(1, SEED);
+        for i in 0..SLOTS as u8 {
+            let mut a = [0u8; 16];
+            a[15] = i + 1;
+            t.insert(a, staged(1, 2)).unwrap();
+        }
+        let err = t.insert([9; 16], staged(1, 2)).unwrap_err();
+        assert!(err.to_string().contains("--max-peers"), "{err}");
+        assert_eq!(t.entries().count(), SLOTS);
+    }
+
+    #[test]
+    fn repair_lowers_counts_a_crash_left_too_high() {
+        let t: Table<V4> = Table::anonymous(4, SEED);
+        t.spill_of(2).store(5, Release);
+        assert_eq!(t.repair_spill(), 1);
+        assert_eq!(t.repair_spill(), 0);
+    }
+
+    #[test]
+    fn bucket_count_halves_the_load_and_rounds_up() {
+        assert_eq!(buckets_for(1), 1);
+        assert_eq!(buckets_for(4), 1);
+        assert_eq!(buckets_for(5), 2);
+        assert_eq!(buckets_for(65_536), 16_384);
+        assert_eq!(buckets_for(4_194_304), 1 << 20);
+    }
+}
