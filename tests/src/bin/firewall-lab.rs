@@ -167,7 +167,7 @@ fn bench_datapath() -> anyhow::Result<()> {
         bail!("the benchmark needs root and the XDP object");
     }
     let repeat = 1_000_000;
-    let runs = 5;
+    let runs = 9;
     let hit4 = Ipv4Addr::new(198, 19, 0, 7);
     let miss4 = Ipv4Addr::new(198, 19, 9, 7);
     let hit6: Ipv6Addr = "2001:2:0:1::7".parse()?;
@@ -256,41 +256,46 @@ fn bench_datapath() -> anyhow::Result<()> {
         "vs xdp-filter",
         "goal"
     );
+    // CIDR peers present: one /24 per family in the live slot. They apply
+    // only while CTRL counts them (`set_ctrl(.., 1)`); with a count of 0 the
+    // datapath skips the trie exactly as when no CIDR peer is configured.
+    {
+        let mut t4: LpmTrie<_, [u8; 4], CidrVal> = ebpf.map_mut("CIDR4_0").unwrap().try_into()?;
+        t4.insert(
+            &Key::new(24, [198, 19, 50, 0]),
+            CidrVal { origin: 2, _pad: 0 },
+            0,
+        )?;
+        let mut t6: LpmTrie<_, [u8; 16], CidrVal> = ebpf.map_mut("CIDR6_0").unwrap().try_into()?;
+        t6.insert(
+            &Key::new(64, Ipv6Addr::new(0x2001, 2, 0, 0x50, 0, 0, 0, 0).octets()),
+            CidrVal { origin: 2, _pad: 0 },
+            0,
+        )?;
+    }
     let mut worst = (0f64, 0f64, f64::MAX);
     for (name, f) in &frames {
-        set_ctrl(&mut ebpf, 0)?;
-        let fl = ns_per_pkt(&floor, f, repeat, runs)?;
-        let ours = ns_per_pkt(&fw, f, repeat, runs)?;
-        let look = if name.starts_with("v4") {
-            Some(ns_per_pkt(&lookup, f, repeat, runs)?)
-        } else {
-            None
-        };
-        let xdpf = match &xf_prog {
-            Some(p) => Some(ns_per_pkt(p, f, repeat, runs)?),
-            None => None,
-        };
-        // CIDR peers present: one /24 per family in the live slot.
-        {
-            let mut t4: LpmTrie<_, [u8; 4], CidrVal> =
-                ebpf.map_mut("CIDR4_0").unwrap().try_into()?;
-            t4.insert(
-                &Key::new(24, [198, 19, 50, 0]),
-                CidrVal { origin: 2, _pad: 0 },
-                0,
-            )?;
-            let mut t6: LpmTrie<_, [u8; 16], CidrVal> =
-                ebpf.map_mut("CIDR6_0").unwrap().try_into()?;
-            t6.insert(
-                &Key::new(64, Ipv6Addr::new(0x2001, 2, 0, 0x50, 0, 0, 0, 0).octets()),
-                CidrVal { origin: 2, _pad: 0 },
-                0,
-            )?;
+        // Round-robin, one batch of each program per round, best of `runs`:
+        // a disturbance on this shared VM hits one round of every program
+        // rather than every batch of one.
+        let (mut fl, mut ours, mut cidr) = (f64::MAX, f64::MAX, f64::MAX);
+        let (mut look, mut xdpf) = (None::<f64>, None::<f64>);
+        for _ in 0..runs {
+            set_ctrl(&mut ebpf, 0)?;
+            fl = fl.min(ns_per_pkt(&floor, f, repeat, 1)?);
+            ours = ours.min(ns_per_pkt(&fw, f, repeat, 1)?);
+            if name.starts_with("v4") {
+                let l = ns_per_pkt(&lookup, f, repeat, 1)?;
+                look = Some(look.map_or(l, |x| x.min(l)));
+            }
+            if let Some(p) = &xf_prog {
+                let x = ns_per_pkt(p, f, repeat, 1)?;
+                xdpf = Some(xdpf.map_or(x, |y| y.min(x)));
+            }
+            set_ctrl(&mut ebpf, 1)?;
+            cidr = cidr.min(ns_per_pkt(&fw, f, repeat, 1)?);
         }
-        set_ctrl(&mut ebpf, 1)?;
-        let cidr = ns_per_pkt(&fw, f, repeat, runs)?;
-        let fl2 = ns_per_pkt(&floor, f, repeat, runs)?;
-        let floor_ns = fl.min(fl2);
+        let floor_ns = fl;
         let (r, rc) = (ours / floor_ns, cidr / floor_ns);
         worst.0 = worst.0.max(r);
         worst.1 = worst.1.max(rc);
