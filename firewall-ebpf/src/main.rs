@@ -352,6 +352,14 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
         }
     }
     let src_ptr = core::ptr::addr_of!(ip.src_addr) as *const u64;
+    // Decide neighbour discovery now, while the ICMPv6 header pointer is at
+    // hand: past this point only scalars are live, so the verifier can prune
+    // every parse path that reaches the peer lookup as one state instead of
+    // walking the lookup's unrolled compares once per path.
+    let neighbour = match icmp {
+        Some(p) => (133..=137).contains(&unsafe { (*p)[0] }),
+        None => false,
+    };
     let hi_ne = unsafe { core::ptr::read_unaligned(src_ptr) };
     let lo_ne = unsafe { core::ptr::read_unaligned(src_ptr.add(1)) };
     if overlay_v6(u64::from_be(hi_ne), u64::from_be(lo_ne), next, ports) {
@@ -378,10 +386,8 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
             return Reason::Peer;
         }
     }
-    if let Some(p) = icmp {
-        if (133..=137).contains(&unsafe { (*p)[0] }) {
-            return Reason::Neighbour;
-        }
+    if neighbour {
+        return Reason::Neighbour;
     }
     Reason::DefaultDrop
 }

@@ -467,3 +467,23 @@ fn an_origin_change_keeps_two_versions_and_the_address_visible() {
     expect(&h, &Frame::udp4(PEER4, 53).build(), Reason::DefaultDrop);
     expect(&h, &Frame::udp6(peer6(), 53).build(), Reason::DefaultDrop);
 }
+
+#[test]
+fn the_verifier_keeps_three_quarters_of_its_budget() {
+    if !kernel_available("the_verifier_keeps_three_quarters_of_its_budget") {
+        return;
+    }
+    // The kernel stops at 1M processed instructions. Unrolled bucket scans
+    // inlined where packet pointers were still live once cost 490k: every
+    // parse path walked them again. Keep a wide margin, so a change that
+    // multiplies paths fails here and not at a user's attach.
+    let h = Harness::new();
+    let n = h
+        .prog()
+        .info()
+        .unwrap()
+        .verified_instruction_count()
+        .expect("the kernel reports verified instructions");
+    println!("verifier processed {n} instructions");
+    assert!(n <= 250_000, "verifier processed {n} instructions");
+}
