@@ -126,12 +126,7 @@ pub fn commit(
         .filter(|(n, _)| current.set.contains_key(n))
         .map(|(n, _)| *n)
         .collect();
-    for n in &changes.remove {
-        current.set.remove(n);
-    }
-    for (n, o) in &changes.add {
-        current.set.insert(*n, *o);
-    }
+    apply(&mut current.set, &changes);
     current.generation = generation;
     current.cidrs = cidrs;
     current.digest = digest;
@@ -154,6 +149,38 @@ pub fn commit(
         removed: changes.remove,
         gc_error,
     }))
+}
+
+/// Apply `changes` (sorted, as `commit` leaves them) to `set`. A change
+/// that touches a large part of the set rebuilds it in one sorted pass: a
+/// BTreeMap built from sorted input is filled node by node, where a million
+/// single inserts each walk the tree (180 ms against 40 ms at 1M peers).
+fn apply(set: &mut PeerSet, changes: &Changes) {
+    let rebuild = changes.add.len() + changes.remove.len() > set.len() / 4 + 1024;
+    apply_with(set, changes, rebuild)
+}
+
+fn apply_with(set: &mut PeerSet, changes: &Changes, rebuild: bool) {
+    if !rebuild {
+        for n in &changes.remove {
+            set.remove(n);
+        }
+        for (n, o) in &changes.add {
+            set.insert(*n, *o);
+        }
+        return;
+    }
+    // Adds first: the stable sort keeps them ahead of an old entry with the
+    // same key, and dedup keeps the first, so the new origin wins.
+    let mut all: Vec<(IpNet, crate::peers::Origin)> = changes.add.clone();
+    all.extend(
+        std::mem::take(set)
+            .into_iter()
+            .filter(|(n, _)| changes.remove.binary_search(n).is_err()),
+    );
+    all.sort_by_key(|(n, _)| *n);
+    all.dedup_by_key(|(n, _)| *n);
+    *set = all.into_iter().collect();
 }
 
 #[cfg(test)]
@@ -220,6 +247,27 @@ mod tests {
             assert!(commit(&mut st, &mut cur, ch).is_err(), "{fault:?}");
             assert_eq!((st.visible(), cur.clone()), before, "{fault:?}");
             assert_eq!(st.load().unwrap().leftovers, 0, "{fault:?} cleaned up");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rebuilding_the_set_equals_editing_it(
+            old in proptest::collection::btree_map(0u8..64, 1u32..3, 0..40),
+            add in proptest::collection::btree_map(0u8..64, 1u32..3, 0..40),
+            remove in proptest::collection::btree_set(0u8..64, 0..40),
+        ) {
+            let net = |i: u8| p(&format!("198.18.1.{i}/32"));
+            let set: PeerSet = old.iter().map(|(i, o)| (net(*i), *o)).collect();
+            // Shaped as `commit` leaves it: sorted, removals not also added.
+            let changes = Changes {
+                add: add.iter().map(|(i, o)| (net(*i), *o)).collect(),
+                remove: remove.iter().filter(|i| !add.contains_key(i)).map(|i| net(*i)).collect(),
+            };
+            let (mut edited, mut rebuilt) = (set.clone(), set);
+            apply_with(&mut edited, &changes, false);
+            apply_with(&mut rebuilt, &changes, true);
+            proptest::prop_assert_eq!(edited, rebuilt);
         }
     }
 

@@ -615,17 +615,10 @@ impl PeerStore for KernelStore {
         }
         self.ctrl.update(|c| c.staged_gen = generation);
         let committed = generation - 1;
-        let live = |v: &PeerVal| v.visible_at(committed) && v.removed_gen == GEN_NEVER;
-        // Removals and the old versions of origin changes: marked, and they
-        // stay visible (with their hit counts) until the flip.
-        let marks = changes
-            .remove
-            .iter()
-            .filter(|n| is_exact(n))
-            .chain(adds_v4.iter().chain(&adds_v6).map(|(n, _)| n));
-        for n in marks {
+        // Removals stay visible (with their hit counts) until the flip.
+        for n in changes.remove.iter().filter(|n| is_exact(n)) {
             for (slot, v) in self.versions(n) {
-                if live(&v) {
+                if v.visible_at(committed) && v.removed_gen == GEN_NEVER {
                     match n {
                         IpNet::V4(_) => self.v4.set_removed(slot, generation),
                         IpNet::V6(_) => self.v6.set_removed(slot, generation),
@@ -633,16 +626,11 @@ impl PeerStore for KernelStore {
                 }
             }
         }
-        for (n, o) in &adds_v4 {
-            self.v4
-                .insert(v4_addr(n), crate::table::staged(generation, *o))?;
-            self.entries[0] += 1;
-        }
-        for (n, o) in &adds_v6 {
-            self.v6
-                .insert(v6_addr(n), crate::table::staged(generation, *o))?;
-            self.entries[1] += 1;
-        }
+        // Additions; an origin change also marks the old version removed.
+        let a4 = adds_v4.iter().map(|(n, o)| (v4_addr(n), *o));
+        self.entries[0] += stage_adds(&self.v4, a4, generation)?;
+        let a6 = adds_v6.iter().map(|(n, o)| (v6_addr(n), *o));
+        self.entries[1] += stage_adds(&self.v6, a6, generation)?;
         self.write_cidr_slot((generation & 1) as usize, cidrs)
     }
 
@@ -726,6 +714,40 @@ impl PeerStore for KernelStore {
         }
         Ok(())
     }
+}
+
+/// Stage additions into one table. Returns how many slots they took.
+fn stage_adds<F: Family>(
+    t: &Table<F>,
+    adds: impl Iterator<Item = (F::Addr, crate::peers::Origin)>,
+    generation: u64,
+) -> Result<u64, StoreError> {
+    let mut adds: Vec<(u32, F::Addr, crate::peers::Origin)> =
+        adds.map(|(a, o)| (t.home(&a), a, o)).collect();
+    // Many additions go in table order: each then lands next to the last,
+    // so a full sync sweeps the table instead of missing the cache on every
+    // entry (1M peers: 190 ms scattered, 60 ms in order). A counting sort by
+    // bucket, O(n + buckets), where a comparison sort took 40 ms.
+    if adds.len() > 4096 {
+        let mut start = vec![0u32; t.buckets() as usize + 1];
+        for (home, _, _) in &adds {
+            start[*home as usize + 1] += 1;
+        }
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
+        }
+        let mut sorted = vec![adds[0]; adds.len()];
+        for x in &adds {
+            let at = &mut start[x.0 as usize];
+            sorted[*at as usize] = *x;
+            *at += 1;
+        }
+        adds = sorted;
+    }
+    for (_, a, o) in &adds {
+        t.stage_add(*a, crate::table::staged(generation, *o), generation - 1)?;
+    }
+    Ok(adds.len() as u64)
 }
 
 /// Bring one exact-peer table back to exactly what `generation` shows: free

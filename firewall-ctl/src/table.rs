@@ -220,7 +220,8 @@ impl<F: Family> Table<F> {
         unsafe { AtomicU32::from_ptr(F::spill(self.bucket(b))) }
     }
 
-    fn home(&self, a: &F::Addr) -> u32 {
+    /// The bucket an address hashes to.
+    pub fn home(&self, a: &F::Addr) -> u32 {
         F::hash(a, &self.seed) & (self.buckets - 1)
     }
 
@@ -232,9 +233,8 @@ impl<F: Family> Table<F> {
         for _ in 0..self.probe_len() {
             for index in 0..SLOTS {
                 let s = Slot { bucket: b, index };
-                let (addr, v) = self.read_slot(s);
-                if v.removed_gen != 0 && addr == *a {
-                    out.push((s, v));
+                if self.removed_gen(s) != 0 && self.addr_at(s) == *a {
+                    out.push((s, self.read_slot(s).1));
                 }
             }
             if self.spill_of(b).load(std::sync::atomic::Ordering::Acquire) == 0 {
@@ -245,23 +245,100 @@ impl<F: Family> Table<F> {
         out
     }
 
+    /// A slot's removal generation alone (0: empty), without reading the rest.
+    fn removed_gen(&self, s: Slot) -> u64 {
+        // SAFETY: an aligned u64 of a live slot.
+        unsafe {
+            AtomicU64::from_ptr(std::ptr::addr_of_mut!(
+                (*F::peer(self.bucket(s.bucket), s.index)).removed_gen
+            ))
+        }
+        .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn addr_at(&self, s: Slot) -> F::Addr {
+        // SAFETY: a slot's address in a live bucket.
+        unsafe { std::ptr::read_volatile(F::addr(self.bucket(s.bucket), s.index)) }
+    }
+
+    /// Stage `a` for generation `v.added_gen` in one pass over its probe
+    /// window: every version of it that is live at `committed` (an origin
+    /// change) is marked removed at that generation, and `v` goes into the
+    /// first empty slot. Without a free slot nothing is written.
+    pub fn stage_add(&self, a: F::Addr, v: PeerVal, committed: u64) -> Result<Slot, NoSlot> {
+        let mut first_empty = None;
+        let mut old = Vec::new();
+        let mut b = self.home(&a);
+        for dist in 0..self.probe_len() {
+            for index in 0..SLOTS {
+                let s = Slot { bucket: b, index };
+                let removed = self.removed_gen(s);
+                if removed == 0 {
+                    first_empty.get_or_insert((dist, s));
+                } else if removed == GEN_NEVER && self.addr_at(s) == a {
+                    if self.read_slot(s).1.visible_at(committed) {
+                        old.push(s);
+                    }
+                }
+            }
+            // No version lives past a bucket with no spill; stop once a
+            // free slot is known too.
+            if first_empty.is_some()
+                && self.spill_of(b).load(std::sync::atomic::Ordering::Acquire) == 0
+            {
+                break;
+            }
+            b = (b + 1) & (self.buckets - 1);
+        }
+        match first_empty {
+            Some((dist, s)) => {
+                self.write_at(a, v, dist, s);
+                for o in old {
+                    self.set_removed(o, v.added_gen);
+                }
+                Ok(s)
+            }
+            None => Err(NoSlot {
+                map: F::MAP,
+                addr: format!("{a:?}"),
+                probe: self.probe_len(),
+            }),
+        }
+    }
+
     /// Write `v` for `a` into the first empty slot of its probe window.
     /// `v.removed_gen` must not be 0, and `v` must be invisible at the
     /// committed generation (staged) — see the module's protocol.
     pub fn insert(&self, a: F::Addr, v: PeerVal) -> Result<Slot, NoSlot> {
-        debug_assert!(v.removed_gen != 0);
-        let home = self.home(&a);
-        let mut b = home;
+        let mut b = self.home(&a);
         for dist in 0..self.probe_len() {
             for index in 0..SLOTS {
                 let s = Slot { bucket: b, index };
-                if self.read_slot(s).1.removed_gen != 0 {
-                    continue;
+                if self.removed_gen(s) == 0 {
+                    self.write_at(a, v, dist, s);
+                    return Ok(s);
                 }
-                for d in 0..dist {
-                    self.spill_of((home + d) & (self.buckets - 1))
-                        .fetch_add(1, Release);
-                }
+            }
+            b = (b + 1) & (self.buckets - 1);
+        }
+        Err(NoSlot {
+            map: F::MAP,
+            addr: format!("{a:?}"),
+            probe: self.probe_len(),
+        })
+    }
+
+    /// Fill the empty slot `s`, `dist` buckets past `a`'s home.
+    fn write_at(&self, a: F::Addr, v: PeerVal, dist: u32, s: Slot) {
+        debug_assert!(v.removed_gen != 0);
+        let home = self.home(&a);
+        for d in 0..dist {
+            self.spill_of((home + d) & (self.buckets - 1))
+                .fetch_add(1, Release);
+        }
+        let (b, index) = (s.bucket, s.index);
+        {
+            {
                 let bp = self.bucket(b);
                 // SAFETY: fields of a live, empty slot; see the protocol.
                 unsafe {
@@ -275,15 +352,8 @@ impl<F: Family> Table<F> {
                     AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).removed_gen))
                         .store(v.removed_gen, Release);
                 }
-                return Ok(s);
             }
-            b = (b + 1) & (self.buckets - 1);
         }
-        Err(NoSlot {
-            map: F::MAP,
-            addr: format!("{a:?}"),
-            probe: self.probe_len(),
-        })
     }
 
     /// Set a slot's `removed_gen` with one store: the staging of a removal,
@@ -329,8 +399,12 @@ impl<F: Family> Table<F> {
         (0..self.buckets).flat_map(move |bucket| {
             (0..SLOTS).filter_map(move |index| {
                 let s = Slot { bucket, index };
+                // Empty slots (half of a full table) cost one load.
+                if self.removed_gen(s) == 0 {
+                    return None;
+                }
                 let (a, v) = self.read_slot(s);
-                (v.removed_gen != 0).then_some((s, a, v))
+                Some((s, a, v))
             })
         })
     }
@@ -445,7 +519,8 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Insert(u8),
+        /// Stage an address at generation 1 (over committed 0) or 2 (over 1).
+        Add(u8, bool),
         Remove(u8),
         Free(u8),
     }
@@ -454,7 +529,7 @@ mod tests {
         // A pool of 40 addresses into 4 buckets of 8: home buckets overflow
         // and probing, spill counts and wrap-around all get exercised.
         prop_oneof![
-            3 => (0u8..40).prop_map(Op::Insert),
+            3 => (0u8..40, any::<bool>()).prop_map(|(i, g)| Op::Add(i, g)),
             1 => (0u8..40).prop_map(Op::Remove),
             1 => (0u8..40).prop_map(Op::Free),
         ]
@@ -467,30 +542,47 @@ mod tests {
         ) {
             let t: Table<V4> = Table::anonymous(4, SEED);
             let addr = |i: u8| [198, 18, 7, i];
-            // Model: address -> (slot, value) of its single live entry.
-            let mut model: std::collections::BTreeMap<u8, (Slot, PeerVal)> = Default::default();
+            // Model: every version of every address, as (slot, value).
+            let mut model: std::collections::BTreeMap<u8, Vec<(Slot, PeerVal)>> = Default::default();
             for op in ops {
                 match op {
-                    Op::Insert(i) if !model.contains_key(&i) => match t.insert(addr(i), staged(1, 2)) {
-                        Ok(s) => { model.insert(i, (s, staged(1, 2))); }
-                        Err(_) => prop_assert!(model.len() >= 4 * SLOTS - SLOTS, "NoSlot with {} entries", model.len()),
+                    Op::Add(i, second) => {
+                        let (generation, committed) = if second { (2, 1) } else { (1, 0) };
+                        let used: usize = model.values().map(Vec::len).sum();
+                        match t.stage_add(addr(i), staged(generation, 2), committed) {
+                            Ok(s) => {
+                                let vs = model.entry(i).or_default();
+                                for (_, v) in vs.iter_mut() {
+                                    if v.visible_at(committed) && v.removed_gen == GEN_NEVER {
+                                        v.removed_gen = generation;
+                                    }
+                                }
+                                vs.push((s, staged(generation, 2)));
+                            }
+                            Err(_) => prop_assert!(used >= 3 * SLOTS, "NoSlot with {used} slots used"),
+                        }
+                    }
+                    Op::Remove(i) => for (s, v) in model.entry(i).or_default() {
+                        if v.removed_gen == GEN_NEVER {
+                            t.set_removed(*s, 2);
+                            v.removed_gen = 2;
+                        }
                     },
-                    Op::Remove(i) => if let Some((s, v)) = model.get_mut(&i) {
-                        t.set_removed(*s, 2);
-                        v.removed_gen = 2;
-                    },
-                    Op::Free(i) => if let Some((s, _)) = model.remove(&i) {
+                    Op::Free(i) => for (s, _) in model.remove(&i).unwrap_or_default() {
                         t.free(s);
                     },
-                    _ => {}
                 }
                 prop_assert_eq!(t.repair_spill(), 0, "spill counts drifted");
                 for i in 0..40u8 {
-                    let found: Vec<_> = t.find(&addr(i)).into_iter().map(|(s, v)| (s, v.removed_gen)).collect();
-                    let want: Vec<_> = model.get(&i).map(|(s, v)| (*s, v.removed_gen)).into_iter().collect();
+                    let mut found: Vec<_> = t.find(&addr(i)).into_iter().map(|(s, v)| (s, v.removed_gen, v.added_gen)).collect();
+                    let mut want: Vec<_> = model.get(&i).into_iter().flatten().map(|(s, v)| (*s, v.removed_gen, v.added_gen)).collect();
+                    found.sort();
+                    want.sort();
                     prop_assert_eq!(&found, &want, "find({})", i);
-                    let visible = model.get(&i).is_some_and(|(_, v)| v.visible_at(1));
-                    prop_assert_eq!(t.datapath_lookup(&addr(i), 1), visible, "lookup({})", i);
+                    for c in [1, 2] {
+                        let visible = model.get(&i).into_iter().flatten().any(|(_, v)| v.visible_at(c));
+                        prop_assert_eq!(t.datapath_lookup(&addr(i), c), visible, "lookup({}) at {}", i, c);
+                    }
                 }
             }
         }
