@@ -170,6 +170,10 @@ fn apply_with(set: &mut PeerSet, changes: &Changes, rebuild: bool) {
         }
         return;
     }
+    if set.is_empty() {
+        *set = changes.add.iter().copied().collect();
+        return;
+    }
     // Adds first: the stable sort keeps them ahead of an old entry with the
     // same key, and dedup keeps the first, so the new origin wins.
     let mut all: Vec<(IpNet, crate::peers::Origin)> = changes.add.clone();

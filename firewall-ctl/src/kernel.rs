@@ -595,11 +595,15 @@ impl PeerStore for KernelStore {
                 found: c.committed_gen,
             });
         }
-        let (adds_v6, adds_v4): (Vec<_>, Vec<_>) = changes
-            .add
-            .iter()
-            .filter(|(n, _)| is_exact(n))
-            .partition(|(n, _)| n.addr().is_ipv6());
+        // One pass from the changes to each table's key type.
+        let (mut adds_v4, mut adds_v6) = (Vec::new(), Vec::new());
+        for (n, o) in &changes.add {
+            match n {
+                IpNet::V4(a) if a.prefix_len() == 32 => adds_v4.push((a.addr().octets(), *o)),
+                IpNet::V6(a) if a.prefix_len() == 128 => adds_v6.push((a.addr().octets(), *o)),
+                _ => {}
+            }
+        }
         let adds = [adds_v4.len() as u64, adds_v6.len() as u64];
         // Every add takes a slot (an origin change too, until its old version
         // is collected): a full table is refused before the first write, so
@@ -627,10 +631,8 @@ impl PeerStore for KernelStore {
             }
         }
         // Additions; an origin change also marks the old version removed.
-        let a4 = adds_v4.iter().map(|(n, o)| (v4_addr(n), *o));
-        self.entries[0] += stage_adds(&self.v4, a4, generation)?;
-        let a6 = adds_v6.iter().map(|(n, o)| (v6_addr(n), *o));
-        self.entries[1] += stage_adds(&self.v6, a6, generation)?;
+        self.entries[0] += stage_adds(&self.v4, &adds_v4, generation)?;
+        self.entries[1] += stage_adds(&self.v6, &adds_v6, generation)?;
         self.write_cidr_slot((generation & 1) as usize, cidrs)
     }
 
@@ -719,33 +721,41 @@ impl PeerStore for KernelStore {
 /// Stage additions into one table. Returns how many slots they took.
 fn stage_adds<F: Family>(
     t: &Table<F>,
-    adds: impl Iterator<Item = (F::Addr, crate::peers::Origin)>,
+    adds: &[(F::Addr, crate::peers::Origin)],
     generation: u64,
 ) -> Result<u64, StoreError> {
-    let mut adds: Vec<(u32, F::Addr, crate::peers::Origin)> =
-        adds.map(|(a, o)| (t.home(&a), a, o)).collect();
-    // Many additions go in table order: each then lands next to the last,
-    // so a full sync sweeps the table instead of missing the cache on every
-    // entry (1M peers: 190 ms scattered, 60 ms in order). A counting sort by
-    // bucket, O(n + buckets), where a comparison sort took 40 ms.
-    if adds.len() > 4096 {
-        let mut start = vec![0u32; t.buckets() as usize + 1];
-        for (home, _, _) in &adds {
-            start[*home as usize + 1] += 1;
+    let stage = |(a, o): &(F::Addr, crate::peers::Origin)| {
+        t.stage_add(*a, crate::table::staged(generation, *o), generation - 1)
+    };
+    if adds.len() <= 4096 {
+        for add in adds {
+            stage(add)?;
         }
-        for i in 1..start.len() {
-            start[i] += start[i - 1];
-        }
-        let mut sorted = vec![adds[0]; adds.len()];
-        for x in &adds {
-            let at = &mut start[x.0 as usize];
-            sorted[*at as usize] = *x;
-            *at += 1;
-        }
-        adds = sorted;
+        return Ok(adds.len() as u64);
     }
-    for (_, a, o) in &adds {
-        t.stage_add(*a, crate::table::staged(generation, *o), generation - 1)?;
+    // Many additions go in table order, roughly: a full sync then works
+    // through the table one region at a time, and the region fits in cache,
+    // where scattered over the whole table every entry missed it (1M peers:
+    // 190 ms). One pass partitions the additions by the top 6 bits of their
+    // bucket into 64 regions (64 sequential write streams); a full sort by
+    // bucket, gathered, cost twice as much for no further gain.
+    let bits = t.buckets().trailing_zeros();
+    let region = |a: &F::Addr| (t.home(a) >> bits.saturating_sub(6)) as usize;
+    let mut start = [0usize; 65];
+    for (a, _) in adds {
+        start[region(a) + 1] += 1;
+    }
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
+    }
+    let mut sorted = vec![adds[0]; adds.len()];
+    for add in adds {
+        let at = &mut start[region(&add.0)];
+        sorted[*at] = *add;
+        *at += 1;
+    }
+    for add in &sorted {
+        stage(add)?;
     }
     Ok(adds.len() as u64)
 }

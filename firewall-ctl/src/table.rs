@@ -275,10 +275,11 @@ impl<F: Family> Table<F> {
                 let removed = self.removed_gen(s);
                 if removed == 0 {
                     first_empty.get_or_insert((dist, s));
-                } else if removed == GEN_NEVER && self.addr_at(s) == a {
-                    if self.read_slot(s).1.visible_at(committed) {
-                        old.push(s);
-                    }
+                } else if removed == GEN_NEVER
+                    && self.addr_at(s) == a
+                    && self.read_slot(s).1.visible_at(committed)
+                {
+                    old.push(s);
                 }
             }
             // No version lives past a bucket with no spill; stop once a

@@ -468,35 +468,53 @@ fn bench_controller() -> anyhow::Result<()> {
     );
     println!(
         "{:<28} {:>12} {:>12} {:>8} {:>10}",
-        "commit", "ours ms", "floor ms", "ratio", "goal"
+        "commit (best of 3)", "ours ms", "floor ms", "ratio", "goal"
     );
     let mut worst_full = 0f64;
+    // Best of 3 for both, alternating, as the datapath bench does: one
+    // disturbance on this shared VM must not decide a ratio.
+    const RUNS: usize = 3;
     for n in [1_000u32, 100_000, 1_000_000] {
         let (mut cur, _) = Committed::adopt(&mut store)?;
-        let changes = Changes {
-            add: (0..n).map(|i| (v6_peer(i), DISCOVERY)).collect(),
-            remove: vec![],
-        };
-        let t = Instant::now();
-        commit(&mut store, &mut cur, changes)?;
-        let ours = t.elapsed().as_secs_f64() * 1e3;
-        let mem = (n == 1_000_000).then(memory_mb);
-        let (keys, vals) = place_v6(
-            (0..n).map(|i| match v6_peer(i) {
-                ipnet::IpNet::V6(a) => a.addr().octets(),
-                _ => unreachable!(),
-            }),
-            floor_seed,
-            floor_buckets,
-        );
-        let t = Instant::now();
-        firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &vals)
-            .map_err(|(_, e)| e)?;
-        let floor = t.elapsed().as_secs_f64() * 1e3;
-        let empty = vec![firewall_common::Bucket6::default(); keys.len()];
-        firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &empty)
-            .map_err(|(_, e)| e)?;
-        drop((keys, vals, empty));
+        let (mut ours, mut floor) = (f64::MAX, f64::MAX);
+        let mut mem = None;
+        for run in 0..RUNS {
+            let changes = Changes {
+                add: (0..n).map(|i| (v6_peer(i), DISCOVERY)).collect(),
+                remove: vec![],
+            };
+            let t = Instant::now();
+            commit(&mut store, &mut cur, changes)?;
+            ours = ours.min(t.elapsed().as_secs_f64() * 1e3);
+            if run + 1 < RUNS {
+                let all: Vec<_> = cur.set.keys().copied().collect();
+                commit(
+                    &mut store,
+                    &mut cur,
+                    Changes {
+                        add: vec![],
+                        remove: all,
+                    },
+                )?;
+            } else if n == 1_000_000 {
+                mem = Some(memory_mb());
+            }
+            let (keys, vals) = place_v6(
+                (0..n).map(|i| match v6_peer(i) {
+                    ipnet::IpNet::V6(a) => a.addr().octets(),
+                    _ => unreachable!(),
+                }),
+                floor_seed,
+                floor_buckets,
+            );
+            let t = Instant::now();
+            firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &vals)
+                .map_err(|(_, e)| e)?;
+            floor = floor.min(t.elapsed().as_secs_f64() * 1e3);
+            let empty = vec![firewall_common::Bucket6::default(); keys.len()];
+            firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &empty)
+                .map_err(|(_, e)| e)?;
+        }
         worst_full = worst_full.max(ours / floor);
         println!(
             "{:<28} {:>12.1} {:>12.1} {:>8.2} {:>10}",
