@@ -182,13 +182,13 @@ impl Daemon {
     fn publish(&self, running: bool) {
         let s = self.core.status();
         let v = json!({"pid": std::process::id(), "running": running, "updated_ms": now_ms(), "core": s});
-        let _ = std::fs::write(
-            self.cfg.state_dir.join(state::STATUS_FILE),
-            serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        let _ = state::replace(
+            &self.cfg.state_dir.join(state::STATUS_FILE),
+            &serde_json::to_vec_pretty(&v).unwrap_or_default(),
         );
-        let _ = std::fs::write(
-            self.cfg.state_dir.join(state::METRICS_FILE),
-            self.metrics.update(&s),
+        let _ = state::replace(
+            &self.cfg.state_dir.join(state::METRICS_FILE),
+            self.metrics.update(&s).as_ref(),
         );
     }
 

@@ -49,6 +49,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Replace a file that others read while we run (status.json, metrics.prom):
+/// write a temporary file and rename it over, so a reader (an operator's
+/// `status`, a Prometheus textfile collector) sees the old file or the new
+/// one, never a truncated one. No fsync: these are republished every tick and
+/// are not recovered from after a crash.
+pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
     write_atomic(path, &serde_json::to_vec_pretty(v).expect("serialisable"))
 }
