@@ -194,32 +194,16 @@ struct CtrlMap {
 
 impl CtrlMap {
     fn new(fd: BorrowedFd<'_>, path: &Path) -> Result<Self, LayoutError> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        // SAFETY: mapping a BPF_F_MMAPABLE array of one `Control` (layout checked
-        // above); the kernel backs at least one page.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                page,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(LayoutError::Mmap {
+        // One `Control` (layout checked by the caller).
+        let (p, len) = crate::table::map_shared(fd, size_of::<Control>()).map_err(|source| {
+            LayoutError::Mmap {
                 path: path.into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(CtrlMap {
-            ptr: NonNull::new(p.cast()).expect("mmap returned NULL"),
-            len: page,
-        })
+                source,
+            }
+        })?;
+        Ok(CtrlMap { ptr: p.cast(), len })
     }
+
     fn read(&self) -> Control {
         // SAFETY: the mapping is live for self's lifetime and holds a Control.
         unsafe { std::ptr::read_volatile(self.ptr.as_ptr()) }

@@ -156,26 +156,9 @@ impl<F: Family> Table<F> {
     /// (a power of two; the caller checked the map's shape), hashed with `seed`.
     pub fn mmap(fd: BorrowedFd<'_>, buckets: u32, seed: [u64; 4]) -> io::Result<Self> {
         assert!(buckets.is_power_of_two(), "bucket count is a power of two");
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len = (buckets as usize * size_of::<F::Bucket>()).div_ceil(page) * page;
-        // SAFETY: mapping an MMAPABLE array of `buckets` values of this size;
-        // the kernel refuses a length beyond the map.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let (p, len) = map_shared(fd, buckets as usize * size_of::<F::Bucket>())?;
         Ok(Table {
-            base: NonNull::new(p.cast()).expect("mmap returned NULL"),
+            base: p.cast(),
             len,
             buckets,
             seed,
@@ -443,6 +426,30 @@ impl<F: Family> Drop for Table<F> {
         // SAFETY: unmapping exactly what mmap() mapped.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
+}
+
+/// Map `bytes` (rounded up to whole pages) of a `BPF_F_MMAPABLE` map shared
+/// and writable; the kernel refuses a length beyond the map. Returns the
+/// mapping and its length, for munmap.
+pub fn map_shared(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<(NonNull<u8>, usize)> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let len = bytes.max(1).div_ceil(page) * page;
+    // SAFETY: a fresh shared mapping of an fd we hold; nothing aliases it yet.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((NonNull::new(p.cast()).expect("mmap returned NULL"), len))
 }
 
 /// A fresh staged value: visible from `generation` on, once flipped.

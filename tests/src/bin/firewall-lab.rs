@@ -345,6 +345,23 @@ fn reopen(ebpf: &mut aya::Ebpf, name: &str) -> Xdp {
     x
 }
 
+/// Commit the removal of every peer (untimed: between benchmark runs).
+fn remove_all(
+    store: &mut firewall_ctl::kernel::KernelStore,
+    cur: &mut firewall_ctl::commit::Committed,
+) -> anyhow::Result<()> {
+    let all: Vec<_> = cur.set.keys().copied().collect();
+    firewall_ctl::commit::commit(
+        store,
+        cur,
+        firewall_ctl::peers::Changes {
+            add: vec![],
+            remove: all,
+        },
+    )?;
+    Ok(())
+}
+
 /// (peak RSS since the last reset, private anonymous RSS now, resident BPF
 /// map pages now), in MB, from /proc/self/status and /proc/self/smaps: the
 /// peer tables are shared kernel pages, so they show up in RSS once mapped.
@@ -496,15 +513,7 @@ fn bench_controller() -> anyhow::Result<()> {
                 mem = Some(memory_mb());
             }
             if run + 1 < RUNS {
-                let all: Vec<_> = cur.set.keys().copied().collect();
-                commit(
-                    &mut store,
-                    &mut cur,
-                    Changes {
-                        add: vec![],
-                        remove: all,
-                    },
-                )?;
+                remove_all(&mut store, &mut cur)?;
             }
             let (keys, vals) = place_v6(
                 (0..n).map(|i| match v6_peer(i) {
@@ -581,15 +590,7 @@ fn bench_controller() -> anyhow::Result<()> {
             );
         }
         // Back to empty for the next size.
-        let all: Vec<_> = cur.set.keys().copied().collect();
-        commit(
-            &mut store,
-            &mut cur,
-            Changes {
-                add: vec![],
-                remove: all,
-            },
-        )?;
+        remove_all(&mut store, &mut cur)?;
     }
     println!("worst full-sync ratio: {worst_full:.2}x (goal <= 3x)");
     let dir = pins.path.clone();
