@@ -20,7 +20,7 @@ use crate::{
     batch,
     peers::{Changes, Digest, PeerSet, is_exact},
     store::{Loaded, PeerStore, StoreError, Version},
-    table::{Family, Table, V4, V6},
+    table::{Family, Slot, Table, V4, V6},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -195,12 +195,13 @@ struct CtrlMap {
 impl CtrlMap {
     fn new(fd: BorrowedFd<'_>, path: &Path) -> Result<Self, LayoutError> {
         // One `Control` (layout checked by the caller).
-        let (p, len) = crate::table::map_shared(fd, size_of::<Control>()).map_err(|source| {
-            LayoutError::Mmap {
-                path: path.into(),
-                source,
-            }
-        })?;
+        let (p, len) =
+            crate::table::map_shared(Some(fd), size_of::<Control>()).map_err(|source| {
+                LayoutError::Mmap {
+                    path: path.into(),
+                    source,
+                }
+            })?;
         Ok(CtrlMap { ptr: p.cast(), len })
     }
 
@@ -411,17 +412,6 @@ impl KernelStore {
         Ok(out)
     }
 
-    /// Everything visible at `generation`, from a full read-back.
-    pub fn set_at(&self, generation: u64) -> Result<PeerSet, StoreError> {
-        let mut set: PeerSet = self
-            .exact_entries()
-            .filter(|(_, _, v)| v.visible_at(generation))
-            .map(|(n, _, v)| (n, v.origin))
-            .collect();
-        set.extend(self.dump_cidrs((generation & 1) as usize)?);
-        Ok(set)
-    }
-
     /// Count and checksum of everything visible at `generation`, from a full
     /// read-back, without building the set.
     pub fn digest_at(&self, generation: u64) -> Result<Digest, StoreError> {
@@ -438,11 +428,34 @@ impl KernelStore {
     }
 
     /// Every stored version of one exact entry, from its probe window.
-    fn versions(&self, n: &IpNet) -> Vec<(crate::table::Slot, PeerVal)> {
+    fn versions(&self, n: &IpNet) -> Vec<(Slot, PeerVal)> {
         match n {
             IpNet::V4(_) => self.v4.find(&v4_addr(n)),
             IpNet::V6(_) => self.v6.find(&v6_addr(n)),
         }
+    }
+
+    /// Mark `n`'s versions that pass `pick` removed at `generation`.
+    fn mark(&self, n: &IpNet, generation: u64, pick: impl Fn(&PeerVal) -> bool) {
+        for (slot, _) in self.versions(n).into_iter().filter(|(_, v)| pick(v)) {
+            match n {
+                IpNet::V4(_) => self.v4.set_removed(slot, generation),
+                IpNet::V6(_) => self.v6.set_removed(slot, generation),
+            }
+        }
+    }
+
+    /// Free `n`'s versions that pass `pick`; returns how many.
+    fn free(&self, n: &IpNet, pick: impl Fn(&PeerVal) -> bool) -> u64 {
+        let mut freed = 0;
+        for (slot, _) in self.versions(n).into_iter().filter(|(_, v)| pick(v)) {
+            match n {
+                IpNet::V4(_) => self.v4.free(slot),
+                IpNet::V6(_) => self.v6.free(slot),
+            }
+            freed += 1;
+        }
+        freed
     }
 
     /// Every entry visible at the committed generation, with hit counts for
@@ -540,16 +553,21 @@ impl PeerStore for KernelStore {
         // them here, where a full scan is paid anyway.
         self.v4.repair_spill();
         self.v6.repair_spill();
+        // One scan: slots used, leftovers, and the visible set.
         let mut used = [0u64; 2];
         let mut leftovers = 0u64;
+        let mut set = PeerSet::new();
         for (n, _, v) in self.exact_entries() {
             used[usize::from(n.addr().is_ipv6())] += 1;
             if !v.visible_at(generation) || v.removed_gen != GEN_NEVER {
                 leftovers += 1;
             }
+            if v.visible_at(generation) {
+                set.insert(n, v.origin);
+            }
         }
         self.entries = used;
-        let set = self.set_at(generation)?;
+        set.extend(self.dump_cidrs((generation & 1) as usize)?);
         Ok(Loaded {
             generation,
             set,
@@ -605,14 +623,9 @@ impl PeerStore for KernelStore {
         let committed = generation - 1;
         // Removals stay visible (with their hit counts) until the flip.
         for n in changes.remove.iter().filter(|n| is_exact(n)) {
-            for (slot, v) in self.versions(n) {
-                if v.visible_at(committed) && v.removed_gen == GEN_NEVER {
-                    match n {
-                        IpNet::V4(_) => self.v4.set_removed(slot, generation),
-                        IpNet::V6(_) => self.v6.set_removed(slot, generation),
-                    }
-                }
-            }
+            self.mark(n, generation, |v| {
+                v.visible_at(committed) && v.removed_gen == GEN_NEVER
+            });
         }
         // Additions; an origin change also marks the old version removed.
         self.entries[0] += stage_adds(&self.v4, &adds_v4, generation)?;
@@ -685,18 +698,11 @@ impl PeerStore for KernelStore {
 
     fn gc(&mut self, generation: u64, removed: &[IpNet]) -> Result<(), StoreError> {
         for n in removed {
-            for (slot, v) in self.versions(n) {
-                // Removed at or before the committed generation: no packet
-                // can see it any more.
-                if v.removed_gen <= generation {
-                    match n {
-                        IpNet::V4(_) => self.v4.free(slot),
-                        IpNet::V6(_) => self.v6.free(slot),
-                    }
-                    let i = usize::from(n.addr().is_ipv6());
-                    self.entries[i] = self.entries[i].saturating_sub(1);
-                }
-            }
+            // Removed at or before the committed generation: no packet can
+            // see it any more.
+            let freed = self.free(n, |v| v.removed_gen <= generation);
+            let i = usize::from(n.addr().is_ipv6());
+            self.entries[i] = self.entries[i].saturating_sub(freed);
         }
         Ok(())
     }
@@ -762,6 +768,7 @@ fn cleanup_table<F: Family>(t: &Table<F>, generation: u64) -> (u64, u64) {
             left += 1;
         }
     }
-    t.repair_spill();
+    // `free` lowered the spill counts as it went; load() repairs any a crash
+    // left too high before this runs.
     (touched, left)
 }

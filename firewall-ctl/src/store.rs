@@ -125,6 +125,13 @@ pub struct MemEntry {
     pub origin: Origin,
 }
 
+impl MemEntry {
+    /// The datapath's visibility rule, as `PeerVal::visible_at` states it.
+    pub fn visible_at(&self, committed: u64) -> bool {
+        self.added <= committed && committed < self.removed
+    }
+}
+
 /// Operations a [`MemStore`] can be told to fail.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum FaultPoint {
@@ -173,7 +180,7 @@ impl MemStore {
             .exact
             .iter()
             .flat_map(|(n, vs)| vs.iter().map(move |e| (n, e)))
-            .filter(|(_, e)| e.added <= c && c < e.removed)
+            .filter(|(_, e)| e.visible_at(c))
             .map(|(n, e)| (*n, e.origin))
             .collect();
         out.extend(
@@ -238,7 +245,7 @@ impl PeerStore for MemStore {
         let mut touched = 0;
         for vs in self.exact.values_mut() {
             let before = vs.len();
-            vs.retain(|e| e.added <= c && c < e.removed);
+            vs.retain(|e| e.visible_at(c));
             touched += (before - vs.len()) as u64;
             for e in vs.iter_mut() {
                 if e.removed != NEVER {
@@ -341,7 +348,7 @@ impl PeerStore for MemStore {
         let mut d = Digest::default();
         for (n, vs) in &self.exact {
             for e in vs {
-                if e.added <= generation && generation < e.removed {
+                if e.visible_at(generation) {
                     d.add(n, e.origin);
                 }
             }

@@ -39,7 +39,10 @@ use std::{
     marker::PhantomData,
     os::fd::{AsRawFd, BorrowedFd},
     ptr::NonNull,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering::Release},
+    sync::atomic::{
+        AtomicU32, AtomicU64,
+        Ordering::{Acquire, Release},
+    },
 };
 
 use firewall_common::{
@@ -49,7 +52,7 @@ use firewall_common::{
 
 /// What differs between the IPv4 and IPv6 tables.
 pub trait Family {
-    type Bucket;
+    type Bucket: Copy;
     type Addr: Copy + Eq + Default + std::fmt::Debug;
     const MAP: &'static str;
     fn hash(a: &Self::Addr, seed: &[u64; 4]) -> u32;
@@ -156,7 +159,7 @@ impl<F: Family> Table<F> {
     /// (a power of two; the caller checked the map's shape), hashed with `seed`.
     pub fn mmap(fd: BorrowedFd<'_>, buckets: u32, seed: [u64; 4]) -> io::Result<Self> {
         assert!(buckets.is_power_of_two(), "bucket count is a power of two");
-        let (p, len) = map_shared(fd, buckets as usize * size_of::<F::Bucket>())?;
+        let (p, len) = map_shared(Some(fd), buckets as usize * size_of::<F::Bucket>())?;
         Ok(Table {
             base: p.cast(),
             len,
@@ -164,6 +167,31 @@ impl<F: Family> Table<F> {
             seed,
             _f: PhantomData,
         })
+    }
+
+    /// A table in anonymous memory, laid out like the kernel's: for tests
+    /// without the kernel, and for the benchmark floor's bucket placement.
+    pub fn in_memory(buckets: u32, seed: [u64; 4]) -> io::Result<Self> {
+        assert!(buckets.is_power_of_two(), "bucket count is a power of two");
+        // Anonymous memory comes zeroed, like a new BPF array.
+        let (p, len) = map_shared(None, buckets as usize * size_of::<F::Bucket>())?;
+        Ok(Table {
+            base: p.cast(),
+            len,
+            buckets,
+            seed,
+            _f: PhantomData,
+        })
+    }
+
+    /// Copies of the buckets holding at least one entry, with their indices.
+    pub fn used_buckets(&self) -> (Vec<u32>, Vec<F::Bucket>) {
+        (0..self.buckets)
+            .filter(|&bucket| (0..SLOTS).any(|index| self.removed_gen(Slot { bucket, index }) != 0))
+            // SAFETY: a live bucket of plain integers; no writer runs meanwhile
+            // in the callers (a torn copy would only misreport a benchmark).
+            .map(|b| (b, unsafe { std::ptr::read_volatile(self.bucket(b)) }))
+            .unzip()
     }
 
     pub fn buckets(&self) -> u32 {
@@ -203,6 +231,35 @@ impl<F: Family> Table<F> {
         unsafe { AtomicU32::from_ptr(F::spill(self.bucket(b))) }
     }
 
+    /// One u64 field of a slot's `PeerVal`, as an atomic.
+    fn word(&self, s: Slot, field: impl FnOnce(*mut PeerVal) -> *mut u64) -> &AtomicU64 {
+        // SAFETY: the fields of PeerVal are aligned u64s of a live slot.
+        unsafe { AtomicU64::from_ptr(field(F::peer(self.bucket(s.bucket), s.index))) }
+    }
+
+    // SAFETY of the projections below: `p` points to a live PeerVal.
+    fn removed_word(&self, s: Slot) -> &AtomicU64 {
+        self.word(s, |p| unsafe { std::ptr::addr_of_mut!((*p).removed_gen) })
+    }
+    fn added_word(&self, s: Slot) -> &AtomicU64 {
+        self.word(s, |p| unsafe { std::ptr::addr_of_mut!((*p).added_gen) })
+    }
+    fn hits_word(&self, s: Slot) -> &AtomicU64 {
+        self.word(s, |p| unsafe { std::ptr::addr_of_mut!((*p).hits) })
+    }
+    fn origin_word(&self, s: Slot) -> &AtomicU32 {
+        // SAFETY: origin is an aligned u32 of a live slot's PeerVal.
+        unsafe {
+            AtomicU32::from_ptr(std::ptr::addr_of_mut!(
+                (*F::peer(self.bucket(s.bucket), s.index)).origin
+            ))
+        }
+    }
+    fn store_addr(&self, s: Slot, a: F::Addr) {
+        // SAFETY: a slot's address in a live bucket.
+        unsafe { F::store_addr(F::addr(self.bucket(s.bucket), s.index), a) }
+    }
+
     /// The bucket an address hashes to.
     pub fn home(&self, a: &F::Addr) -> u32 {
         F::hash(a, &self.seed) & (self.buckets - 1)
@@ -220,7 +277,7 @@ impl<F: Family> Table<F> {
                     out.push((s, self.read_slot(s).1));
                 }
             }
-            if self.spill_of(b).load(std::sync::atomic::Ordering::Acquire) == 0 {
+            if self.spill_of(b).load(Acquire) == 0 {
                 break;
             }
             b = (b + 1) & (self.buckets - 1);
@@ -230,13 +287,7 @@ impl<F: Family> Table<F> {
 
     /// A slot's removal generation alone (0: empty), without reading the rest.
     fn removed_gen(&self, s: Slot) -> u64 {
-        // SAFETY: an aligned u64 of a live slot.
-        unsafe {
-            AtomicU64::from_ptr(std::ptr::addr_of_mut!(
-                (*F::peer(self.bucket(s.bucket), s.index)).removed_gen
-            ))
-        }
-        .load(std::sync::atomic::Ordering::Acquire)
+        self.removed_word(s).load(Acquire)
     }
 
     fn addr_at(&self, s: Slot) -> F::Addr {
@@ -244,11 +295,23 @@ impl<F: Family> Table<F> {
         unsafe { std::ptr::read_volatile(F::addr(self.bucket(s.bucket), s.index)) }
     }
 
-    /// Stage `a` for generation `v.added_gen` in one pass over its probe
-    /// window: every version of it that is live at `committed` (an origin
-    /// change) is marked removed at that generation, and `v` goes into the
-    /// first empty slot. Without a free slot nothing is written.
+    /// Stage `a` for generation `v.added_gen`: every version of it that is
+    /// live at `committed` (an origin change) is marked removed at that
+    /// generation, and `v` goes into the first empty slot, all in one pass
+    /// over the probe window. Without a free slot nothing is written.
     pub fn stage_add(&self, a: F::Addr, v: PeerVal, committed: u64) -> Result<Slot, NoSlot> {
+        self.place(a, v, Some(committed))
+    }
+
+    /// Write `v` for `a` into the first empty slot of its probe window,
+    /// leaving any other version alone (test and benchmark set-up).
+    pub fn insert(&self, a: F::Addr, v: PeerVal) -> Result<Slot, NoSlot> {
+        self.place(a, v, None)
+    }
+
+    /// `v.removed_gen` must not be 0, and `v` must be invisible at the
+    /// committed generation (staged): see the module's protocol.
+    fn place(&self, a: F::Addr, v: PeerVal, replace_live_at: Option<u64>) -> Result<Slot, NoSlot> {
         let mut first_empty = None;
         let mut old = Vec::new();
         let mut b = self.home(&a);
@@ -258,123 +321,68 @@ impl<F: Family> Table<F> {
                 let removed = self.removed_gen(s);
                 if removed == 0 {
                     first_empty.get_or_insert((dist, s));
-                } else if removed == GEN_NEVER
+                } else if let Some(c) = replace_live_at
+                    && removed == GEN_NEVER
                     && self.addr_at(s) == a
-                    && self.read_slot(s).1.visible_at(committed)
+                    && self.read_slot(s).1.visible_at(c)
                 {
                     old.push(s);
                 }
             }
             // No version lives past a bucket with no spill; stop once a
             // free slot is known too.
-            if first_empty.is_some()
-                && self.spill_of(b).load(std::sync::atomic::Ordering::Acquire) == 0
-            {
+            if first_empty.is_some() && self.spill_of(b).load(Acquire) == 0 {
                 break;
             }
             b = (b + 1) & (self.buckets - 1);
         }
-        match first_empty {
-            Some((dist, s)) => {
-                self.write_at(a, v, dist, s);
-                for o in old {
-                    self.set_removed(o, v.added_gen);
-                }
-                Ok(s)
-            }
-            None => Err(NoSlot {
+        let Some((dist, s)) = first_empty else {
+            return Err(NoSlot {
                 map: F::MAP,
                 addr: format!("{a:?}"),
                 probe: self.probe_len(),
-            }),
-        }
-    }
-
-    /// Write `v` for `a` into the first empty slot of its probe window.
-    /// `v.removed_gen` must not be 0, and `v` must be invisible at the
-    /// committed generation (staged) — see the module's protocol.
-    pub fn insert(&self, a: F::Addr, v: PeerVal) -> Result<Slot, NoSlot> {
-        let mut b = self.home(&a);
-        for dist in 0..self.probe_len() {
-            for index in 0..SLOTS {
-                let s = Slot { bucket: b, index };
-                if self.removed_gen(s) == 0 {
-                    self.write_at(a, v, dist, s);
-                    return Ok(s);
-                }
-            }
-            b = (b + 1) & (self.buckets - 1);
-        }
-        Err(NoSlot {
-            map: F::MAP,
-            addr: format!("{a:?}"),
-            probe: self.probe_len(),
-        })
-    }
-
-    /// Fill the empty slot `s`, `dist` buckets past `a`'s home.
-    fn write_at(&self, a: F::Addr, v: PeerVal, dist: u32, s: Slot) {
-        debug_assert!(v.removed_gen != 0);
+            });
+        };
         let home = self.home(&a);
         for d in 0..dist {
             self.spill_of((home + d) & (self.buckets - 1))
                 .fetch_add(1, Release);
         }
-        let (b, index) = (s.bucket, s.index);
-        {
-            {
-                let bp = self.bucket(b);
-                // SAFETY: fields of a live, empty slot; see the protocol.
-                unsafe {
-                    let p = F::peer(bp, index);
-                    AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).added_gen))
-                        .store(v.added_gen, Release);
-                    AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).hits)).store(v.hits, Release);
-                    AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).origin))
-                        .store(v.origin, Release);
-                    F::store_addr(F::addr(bp, index), a);
-                    AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).removed_gen))
-                        .store(v.removed_gen, Release);
-                }
-            }
+        self.added_word(s).store(v.added_gen, Release);
+        self.hits_word(s).store(v.hits, Release);
+        self.origin_word(s).store(v.origin, Release);
+        self.store_addr(s, a);
+        // Last: until now the slot was empty, so invisible.
+        self.removed_word(s).store(v.removed_gen, Release);
+        for o in old {
+            self.set_removed(o, v.added_gen);
         }
+        Ok(s)
     }
 
     /// Set a slot's `removed_gen` with one store: the staging of a removal,
     /// or (with `GEN_NEVER`) undoing a half-staged one.
     pub fn set_removed(&self, s: Slot, generation: u64) {
-        // SAFETY: an aligned u64 of a live slot.
-        unsafe {
-            AtomicU64::from_ptr(std::ptr::addr_of_mut!(
-                (*F::peer(self.bucket(s.bucket), s.index)).removed_gen
-            ))
-            .store(generation, Release)
-        };
+        self.removed_word(s).store(generation, Release);
     }
 
     /// Empty a slot that no packet can see (the caller checked), and lower
     /// the spill counts its entry had raised.
     pub fn free(&self, s: Slot) {
-        let (addr, _) = self.read_slot(s);
-        let bp = self.bucket(s.bucket);
-        // SAFETY: fields of a live slot; removed_gen = 0 marks it empty first.
-        unsafe {
-            let p = F::peer(bp, s.index);
-            AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).removed_gen)).store(0, Release);
-            AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).added_gen)).store(0, Release);
-            AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).hits)).store(0, Release);
-            AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).origin)).store(0, Release);
-            F::store_addr(F::addr(bp, s.index), F::Addr::default());
-        }
+        let addr = self.addr_at(s);
+        // removed_gen = 0 marks it empty first.
+        self.removed_word(s).store(0, Release);
+        self.added_word(s).store(0, Release);
+        self.hits_word(s).store(0, Release);
+        self.origin_word(s).store(0, Release);
+        self.store_addr(s, F::Addr::default());
         let home = self.home(&addr);
         let dist = s.bucket.wrapping_sub(home) & (self.buckets - 1);
         for d in 0..dist {
             let sp = self.spill_of((home + d) & (self.buckets - 1));
             // Saturating: a count a crash left too low would be a bug, but
             // wrapping it would make a lookup scan to its bound forever.
-            let _ = sp.fetch_update(Release, std::sync::atomic::Ordering::Acquire, |x| {
-                Some(x.saturating_sub(1))
-            });
+            let _ = sp.fetch_update(Release, Acquire, |x| Some(x.saturating_sub(1)));
         }
     }
 
@@ -410,7 +418,7 @@ impl<F: Family> Table<F> {
         for raise in [true, false] {
             for (b, w) in want.iter().enumerate() {
                 let sp = self.spill_of(b as u32);
-                let cur = sp.load(std::sync::atomic::Ordering::Acquire);
+                let cur = sp.load(Acquire);
                 if (raise && cur < *w) || (!raise && cur > *w) {
                     sp.store(*w, Release);
                     fixed += 1;
@@ -429,9 +437,9 @@ impl<F: Family> Drop for Table<F> {
 }
 
 /// Map `bytes` (rounded up to whole pages) of a `BPF_F_MMAPABLE` map shared
-/// and writable; the kernel refuses a length beyond the map. Returns the
-/// mapping and its length, for munmap.
-pub fn map_shared(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<(NonNull<u8>, usize)> {
+/// and writable (the kernel refuses a length beyond the map), or of anonymous
+/// memory without `fd`. Returns the mapping and its length, for munmap.
+pub fn map_shared(fd: Option<BorrowedFd<'_>>, bytes: usize) -> io::Result<(NonNull<u8>, usize)> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
     let len = bytes.max(1).div_ceil(page) * page;
@@ -441,8 +449,12 @@ pub fn map_shared(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<(NonNull<u8>, 
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
+            if fd.is_some() {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS
+            },
+            fd.map_or(-1, |fd| fd.as_raw_fd()),
             0,
         )
     };
@@ -479,30 +491,6 @@ mod tests {
     use proptest::prelude::*;
 
     impl<F: Family> Table<F> {
-        /// A table in anonymous shared memory, for tests without the kernel.
-        fn anonymous(buckets: u32, seed: [u64; 4]) -> Self {
-            let len = buckets as usize * size_of::<F::Bucket>();
-            // SAFETY: a fresh anonymous mapping, zeroed like a new BPF array.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Table {
-                base: NonNull::new(p.cast()).unwrap(),
-                len,
-                buckets,
-                seed,
-                _f: PhantomData,
-            }
-        }
-
         /// The XDP program's lookup, step for step: scan the home bucket,
         /// follow `spill`, stop at the first visible match.
         fn datapath_lookup(&self, a: &F::Addr, committed: u64) -> bool {
@@ -514,7 +502,7 @@ mod tests {
                         return true;
                     }
                 }
-                if self.spill_of(b).load(std::sync::atomic::Ordering::Acquire) == 0 {
+                if self.spill_of(b).load(Acquire) == 0 {
                     return false;
                 }
                 b = (b + 1) & (self.buckets - 1);
@@ -548,7 +536,7 @@ mod tests {
         fn table_matches_a_model_and_the_datapath_finds_every_entry(
             ops in proptest::collection::vec(op(), 1..200)
         ) {
-            let t: Table<V4> = Table::anonymous(4, SEED);
+            let t: Table<V4> = Table::in_memory(4, SEED).unwrap();
             let addr = |i: u8| [198, 18, 7, i];
             // Model: every version of every address, as (slot, value).
             let mut model: std::collections::BTreeMap<u8, Vec<(Slot, PeerVal)>> = Default::default();
@@ -598,7 +586,7 @@ mod tests {
 
     #[test]
     fn a_full_probe_window_is_refused_not_overwritten() {
-        let t: Table<V6> = Table::anonymous(1, SEED);
+        let t: Table<V6> = Table::in_memory(1, SEED).unwrap();
         for i in 0..SLOTS as u8 {
             let mut a = [0u8; 16];
             a[15] = i + 1;
@@ -611,7 +599,7 @@ mod tests {
 
     #[test]
     fn repair_lowers_counts_a_crash_left_too_high() {
-        let t: Table<V4> = Table::anonymous(4, SEED);
+        let t: Table<V4> = Table::in_memory(4, SEED).unwrap();
         t.spill_of(2).store(5, Release);
         assert_eq!(t.repair_spill(), 1);
         assert_eq!(t.repair_spill(), 0);

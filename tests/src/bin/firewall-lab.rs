@@ -396,39 +396,19 @@ fn memory_mb() -> (f64, f64, f64) {
     (field("VmHWM:"), field("RssAnon:"), tables)
 }
 
-/// Place IPv6 entries into buckets the way the table does (first free slot
-/// in the probe window), returning the non-empty buckets' indices and values.
+/// Place IPv6 entries into buckets with the table's own code, in memory,
+/// returning the non-empty buckets' indices and values.
 fn place_v6(
     addrs: impl Iterator<Item = [u8; 16]>,
     seed: [u64; 4],
     buckets: u32,
-) -> (Vec<u32>, Vec<firewall_common::Bucket6>) {
-    use firewall_common::{Bucket6, SLOTS, hash6, words6};
-    let mut table = vec![Bucket6::default(); buckets as usize];
-    let mut used = vec![0u8; buckets as usize];
+) -> anyhow::Result<(Vec<u32>, Vec<firewall_common::Bucket6>)> {
+    let t: firewall_ctl::table::Table<firewall_ctl::table::V6> =
+        firewall_ctl::table::Table::in_memory(buckets, seed)?;
     for a in addrs {
-        let mut b = hash6(words6(&a), &seed) & (buckets - 1);
-        while used[b as usize] as usize == SLOTS {
-            table[b as usize].spill += 1;
-            b = (b + 1) & (buckets - 1);
-        }
-        let i = used[b as usize] as usize;
-        table[b as usize].addr[i] = a;
-        table[b as usize].peer[i] = PeerVal {
-            added_gen: 1,
-            removed_gen: GEN_NEVER,
-            hits: 0,
-            origin: 2,
-            _pad: 0,
-        };
-        used[b as usize] += 1;
+        t.insert(a, firewall_ctl::table::staged(1, 2))?;
     }
-    table
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| used[*i] > 0)
-        .map(|(i, b)| (i as u32, b))
-        .unzip()
+    Ok(t.used_buckets())
 }
 
 fn v6_peer(i: u32) -> ipnet::IpNet {
@@ -522,7 +502,7 @@ fn bench_controller() -> anyhow::Result<()> {
                 }),
                 floor_seed,
                 floor_buckets,
-            );
+            )?;
             let t = Instant::now();
             firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &vals)
                 .map_err(|(_, e)| e)?;
