@@ -488,12 +488,7 @@ impl Sim {
             .filter(|(_, o)| **o == DISCOVERY)
             .map(|(n, _)| *n)
             .collect();
-        let present: BTreeSet<IpNet> = d
-            .members()
-            .iter()
-            .filter(|m| m.status.present())
-            .map(|m| m.net)
-            .collect();
+        let present = d.present();
         let absent = owned.iter().filter(|n| !present.contains(n)).count() as u64;
         let shrink_ok = absent <= self.g.max_shrink_count
             && (owned.is_empty()

@@ -455,12 +455,7 @@ impl Core {
     /// Positive evidence: a present member is no longer absent (nothing is
     /// held or approved for it any more), and is added if it is new.
     fn note_present(&mut self, d: &Discovery) -> BTreeSet<IpNet> {
-        let present: BTreeSet<IpNet> = d
-            .members()
-            .iter()
-            .filter(|m| m.status.present())
-            .map(|m| m.net)
-            .collect();
+        let present = d.present();
         for n in &present {
             self.absent.remove(n);
             self.held.remove(n);

@@ -76,6 +76,14 @@ impl Discovery {
             Discovery::Failed { .. } => &[],
         }
     }
+    /// The members this result positively reports as present.
+    pub fn present(&self) -> std::collections::BTreeSet<IpNet> {
+        self.members()
+            .iter()
+            .filter(|m| m.status.present())
+            .map(|m| m.net)
+            .collect()
+    }
     pub fn kind(&self) -> &'static str {
         match self {
             Discovery::Complete { .. } => "complete",
