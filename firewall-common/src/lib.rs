@@ -68,7 +68,7 @@ pub const MAX_PROBE: u32 = 8;
 /// A slot is empty iff `peer[i].removed_gen == 0`: a live entry always has a
 /// removal generation of at least 1 (or `GEN_NEVER`), and the kernel creates
 /// the array zeroed.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Bucket4 {
     /// Source addresses in network order, so bpftool prints `[198,18,0,1]`.
@@ -81,35 +81,13 @@ pub struct Bucket4 {
 }
 
 /// One bucket of `PEERS_V6`; see [`Bucket4`].
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Bucket6 {
     pub addr: [[u8; 16]; SLOTS],
     pub spill: u32,
     pub _pad: u32,
     pub peer: [PeerVal; SLOTS],
-}
-
-impl Default for Bucket4 {
-    fn default() -> Self {
-        Bucket4 {
-            addr: [[0; 4]; SLOTS],
-            spill: 0,
-            _pad: 0,
-            peer: [PeerVal::default(); SLOTS],
-        }
-    }
-}
-
-impl Default for Bucket6 {
-    fn default() -> Self {
-        Bucket6 {
-            addr: [[0; 16]; SLOTS],
-            spill: 0,
-            _pad: 0,
-            peer: [PeerVal::default(); SLOTS],
-        }
-    }
 }
 
 /// The home-bucket hash of an IPv4 source given as its 4 bytes loaded as one
