@@ -16,7 +16,11 @@
 //!    a port.
 //! 4. Source is a committed peer, exact or by CIDR: **Peer**, passed.
 //! 5. ICMPv6 types 133-137 (router/neighbour solicitation and advertisement,
-//!    redirect) in a first fragment: **Neighbour**, passed.
+//!    redirect) with hop limit 255 and no fragment header: **Neighbour**,
+//!    passed. RFC 4861 makes a receiver discard neighbour discovery whose hop
+//!    limit is not 255 (so it cannot have crossed a router), and RFC 6980
+//!    forbids fragmenting it: anything else of those types is an off-link
+//!    host using them to get through, and is dropped.
 //! 6. Everything else: **DefaultDrop**.
 
 use crate::{OverlayRule, Reason};
@@ -112,8 +116,10 @@ fn classify_v6(pkt: &[u8], off: usize, overlay: &[OverlayRule], peers: &impl Pee
     let mut next = pkt[off + 6];
     let mut src = [0u8; 16];
     src.copy_from_slice(&pkt[off + 8..off + 24]);
+    let hop_limit = pkt[off + 7];
     let mut l4 = off + 40;
     let mut later_fragment = false;
+    let mut fragmented = false;
     for _ in 0..MAX_EXT_HEADERS {
         if !is_ext_header(next) {
             break;
@@ -124,6 +130,7 @@ fn classify_v6(pkt: &[u8], off: usize, overlay: &[OverlayRule], peers: &impl Pee
                 return Reason::Malformed;
             }
             later_fragment |= be16(pkt, l4 + 2) >> 3 != 0;
+            fragmented = true;
             next = pkt[l4];
             l4 += 8;
         } else {
@@ -163,7 +170,7 @@ fn classify_v6(pkt: &[u8], off: usize, overlay: &[OverlayRule], peers: &impl Pee
     if peers.is_peer_v6(src) {
         return Reason::Peer;
     }
-    if matches!(icmp_type, Some(133..=137)) {
+    if matches!(icmp_type, Some(133..=137)) && hop_limit == 255 && !fragmented {
         return Reason::Neighbour;
     }
     Reason::DefaultDrop

@@ -67,6 +67,8 @@ pub struct Frame {
     pub v4_frag_offset: u16,
     pub v6_ext: Vec<Ext>,
     pub payload: usize,
+    /// IPv4 TTL or IPv6 hop limit (64 unless set; neighbour discovery is 255).
+    pub hop_limit: u8,
 }
 
 impl Frame {
@@ -80,6 +82,7 @@ impl Frame {
             v4_frag_offset: 0,
             v6_ext: vec![],
             payload: 0,
+            hop_limit: 64,
         }
     }
     pub fn udp4(src: Ipv4Addr, dport: u16) -> Frame {
@@ -108,6 +111,10 @@ impl Frame {
     }
     pub fn ext(mut self, e: Ext) -> Frame {
         self.v6_ext.push(e);
+        self
+    }
+    pub fn hop_limit(mut self, h: u8) -> Frame {
+        self.hop_limit = h;
         self
     }
     pub fn payload(mut self, n: usize) -> Frame {
@@ -139,7 +146,7 @@ impl Frame {
                 f.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
                 f.extend_from_slice(&[0, 1]);
                 f.extend_from_slice(&(self.v4_frag_offset & 0x1fff).to_be_bytes());
-                f.extend_from_slice(&[64, self.l4.proto(false), 0, 0]);
+                f.extend_from_slice(&[self.hop_limit, self.l4.proto(false), 0, 0]);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
                 f.extend_from_slice(&self.v4_options);
@@ -183,7 +190,7 @@ impl Frame {
                 body.extend_from_slice(&l4);
                 f.extend_from_slice(&[0x60, 0, 0, 0]);
                 f.extend_from_slice(&(body.len() as u16).to_be_bytes());
-                f.extend_from_slice(&[kinds[0], 64]);
+                f.extend_from_slice(&[kinds[0], self.hop_limit]);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
                 f.extend_from_slice(&body);

@@ -307,6 +307,7 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
     let mut next = ip.next_hdr;
     let mut l4 = off + Ipv6Hdr::LEN;
     let mut later_fragment = false;
+    let mut fragmented = false;
     // Bounded walk over the common extension headers; each length is at most
     // 2 KiB, so the offset stays within what the verifier accepts.
     for _ in 0..4 {
@@ -317,6 +318,7 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
                 };
                 let h = unsafe { *h };
                 later_fragment |= be16([h[2], h[3]]) >> 3 != 0;
+                fragmented = true;
                 next = h[0];
                 l4 += 8;
             }
@@ -356,8 +358,11 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
     // hand: past this point only scalars are live, so the verifier can prune
     // every parse path that reaches the peer lookup as one state instead of
     // walking the lookup's unrolled compares once per path.
+    // Neighbour discovery is only itself with hop limit 255 (RFC 4861: it
+    // cannot have crossed a router) and unfragmented (RFC 6980); otherwise
+    // any host anywhere could send those types through.
     let neighbour = match icmp {
-        Some(p) => (133..=137).contains(&unsafe { (*p)[0] }),
+        Some(p) => (133..=137).contains(&unsafe { (*p)[0] }) && ip.hop_limit == 255 && !fragmented,
         None => false,
     };
     let hi_ne = unsafe { core::ptr::read_unaligned(src_ptr) };

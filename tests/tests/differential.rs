@@ -136,14 +136,17 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
         l4(),
         prop::collection::vec(ext(), 0..=5),
         0usize..40,
+        // Neighbour discovery is only valid at 255: both sides of the rule.
+        prop_oneof![4 => Just(255u8), 1 => Just(64), 1 => any::<u8>()],
     )
-        .prop_map(|(i, l4, exts, pay)| {
+        .prop_map(|(i, l4, exts, pay, hops)| {
             let mut f = Frame::new(
                 v6_pool()[i].into(),
                 IpAddr::V6("2001:2::1".parse().unwrap()),
                 l4,
             )
-            .payload(pay);
+            .payload(pay)
+            .hop_limit(hops);
             f.v6_ext = exts;
             f
         });

@@ -218,13 +218,30 @@ fn arp_and_neighbour_discovery_always_pass() {
             stranger6().into(),
             "ff02::1".parse::<Ipv6Addr>().unwrap().into(),
             L4::Icmpv6 { typ },
-        );
+        )
+        .hop_limit(255);
         expect(&h, &f.build(), Reason::Neighbour);
         // Also behind a hop-by-hop header (MLD-style) and a VLAN tag.
         expect(
             &h,
             &f.clone().ext(Ext::HopByHop(0)).vlan(0x8100, 7).build(),
             Reason::Neighbour,
+        );
+        // Off-link (hop limit below 255: it crossed a router, RFC 4861) or
+        // fragmented (RFC 6980): not neighbour discovery, so a stranger's
+        // packet of these types drops like any other.
+        for hops in [64, 254, 1] {
+            expect(&h, &f.clone().hop_limit(hops).build(), Reason::DefaultDrop);
+        }
+        expect(
+            &h,
+            &f.clone()
+                .ext(Ext::Fragment {
+                    offset: 0,
+                    more: false,
+                })
+                .build(),
+            Reason::DefaultDrop,
         );
     }
     // Echo requests from strangers are not neighbour discovery.
