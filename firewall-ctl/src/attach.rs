@@ -117,8 +117,17 @@ pub fn attach(
     sys::check_bpffs(pin_dir)?;
     sys::bump_memlock();
     let obj = ebpf_obj()?;
+    if iface == "lo" {
+        tracing::warn!(
+            "attaching to `lo`: local traffic between this host's own addresses will be filtered too; the firewall is meant for the interfaces peers reach you on"
+        );
+    }
     let dir = iface_dir(pin_dir, iface);
-    std::fs::create_dir_all(&dir).map_err(kernel(format!("cannot create {}", dir.display())))?;
+    // 0700 and ours, every level: bpffs is 1777, and a directory another
+    // user made first would let them unlink our link (fail open).
+    for d in [pin_dir.to_path_buf(), pin_dir.join("ifaces"), dir.clone()] {
+        crate::fsafe::ensure_private_dir(&d).map_err(LayoutError::from)?;
+    }
 
     // Check every existing pin before aya reuses it: aya does not compare a
     // pinned map's definition with the object's.
@@ -290,6 +299,9 @@ pub fn detach(iface: &str, pin_dir: &Path, purge: bool) -> Result<bool, AttachEr
             let _ = std::fs::remove_file(pin_dir.join(name));
         }
         let _ = std::fs::remove_dir(pin_dir.join("ifaces"));
+        // A running controller holds a lock on this directory; removing the
+        // empty directory does not unlock it, and it is made again on start.
+        let _ = std::fs::remove_dir(pin_dir.join(crate::lock::CONTROLLER_DIR));
         let _ = std::fs::remove_dir(pin_dir);
         purged = true;
     }

@@ -45,6 +45,8 @@ pub enum LayoutError {
         "no firewall is pinned in {0}: run `firewall-ctl attach --iface IF` first (or pass the right `--pin-dir`)"
     )]
     NotAttached(PathBuf),
+    #[error(transparent)]
+    Unsafe(#[from] crate::fsafe::UnsafePath),
     #[error("cannot map the control word of {path} into memory")]
     Mmap {
         path: PathBuf,
@@ -139,6 +141,19 @@ fn shapes() -> [Shape; 8] {
             max_entries: Some(1),
         },
     ]
+}
+
+/// The pin directory must exist, be ours and be writable by nobody else: whoever
+/// can write it can unlink the pinned link and detach the firewall.
+pub fn check_dir(dir: &Path) -> Result<(), LayoutError> {
+    match crate::fsafe::check_private_dir(dir) {
+        Err(crate::fsafe::UnsafePath::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Err(LayoutError::NotAttached(dir.into()))
+        }
+        r => Ok(r?),
+    }
 }
 
 /// Check the pinned map at `path` against our layout. `Ok(None)` if absent.
@@ -292,6 +307,7 @@ fn exact_net(a: impl Into<std::net::IpAddr>) -> IpNet {
 impl KernelStore {
     /// Open the shared maps of `dir`, checking their layout.
     pub fn open(dir: &Path) -> Result<Self, LayoutError> {
+        check_dir(dir)?;
         let get = |name: &'static str| -> Result<MapData, LayoutError> {
             check_pin(dir, &dir.join(name), name)?
                 .ok_or_else(|| LayoutError::NotAttached(dir.into()))

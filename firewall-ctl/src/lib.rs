@@ -5,6 +5,7 @@ pub mod attach;
 pub mod batch;
 pub mod commit;
 pub mod controller;
+pub mod fsafe;
 pub mod kernel;
 pub mod lock;
 pub mod packet;

@@ -8,8 +8,9 @@ use firewall_ctl::{
     attach::{self, AttachError, Mode},
     commit::{Committed, commit},
     controller::{config::Config, daemon},
+    fsafe::UnsafePath,
     kernel::{KernelStore, LayoutError},
-    lock::CommitLock,
+    lock::{CommitLock, LockError},
     peers::{Changes, OPERATOR, PeerParseError, parse_peer},
     status,
     store::StoreError,
@@ -114,6 +115,9 @@ enum PeersCmd {
     Add {
         #[arg(required = true, num_args = 1..=4096)]
         peers: Vec<String>,
+        /// Accept prefixes shorter than /8 (IPv4) or /32 (IPv6), `0.0.0.0/0` included.
+        #[arg(long)]
+        allow_broad: bool,
     },
     /// Remove sources the operator added (or any entry, by exact address or CIDR).
     Remove {
@@ -143,10 +147,16 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if c.downcast_ref::<PeerParseError>().is_some() {
             return exit::USAGE;
         }
+        if let Some(e) = c.downcast_ref::<UnsafePath>() {
+            return unsafe_path_code(e);
+        }
         if let Some(e) = c.downcast_ref::<LayoutError>() {
+            return layout_code(e);
+        }
+        if let Some(e) = c.downcast_ref::<LockError>() {
             return match e {
-                LayoutError::NotAttached(_) => exit::NOT_FOUND,
-                _ => exit::REFUSED,
+                LockError::Busy { .. } => exit::REFUSED,
+                LockError::Io { source, .. } => io_code(source),
             };
         }
         if let Some(e) = c.downcast_ref::<AttachError>() {
@@ -155,7 +165,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 AttachError::Sys(_) | AttachError::Layout(LayoutError::NotAttached(_)) => {
                     return exit::NOT_FOUND;
                 }
-                AttachError::Layout(_) => return exit::REFUSED,
+                AttachError::Layout(e) => return layout_code(e),
                 AttachError::Foreign { .. } | AttachError::Capacity { .. } => return exit::REFUSED,
                 AttachError::NotAttached { .. } => return exit::NOT_FOUND,
                 _ => {}
@@ -171,6 +181,47 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
     }
     exit::FAILURE
+}
+
+/// Permission problems are privilege problems (3), whatever layer saw them:
+/// a non-root user with the right capabilities on pins someone else owns.
+fn io_code(e: &std::io::Error) -> u8 {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => exit::PRIVILEGE,
+        std::io::ErrorKind::NotFound => exit::NOT_FOUND,
+        _ => exit::FAILURE,
+    }
+}
+
+fn unsafe_path_code(e: &UnsafePath) -> u8 {
+    match e {
+        UnsafePath::NotOwned { .. } => exit::PRIVILEGE,
+        UnsafePath::Writable { .. } | UnsafePath::NotDir { .. } => exit::REFUSED,
+        UnsafePath::Io { source, .. } => io_code(source),
+    }
+}
+
+fn layout_code(e: &LayoutError) -> u8 {
+    match e {
+        LayoutError::NotAttached(_) => exit::NOT_FOUND,
+        LayoutError::Unsafe(u) => unsafe_path_code(u),
+        LayoutError::Open { source, .. } if map_error_denied(source) => exit::PRIVILEGE,
+        _ => exit::REFUSED,
+    }
+}
+
+/// EACCES/EPERM opening a pin is a privilege problem, not a foreign layout.
+fn map_error_denied(e: &aya::maps::MapError) -> bool {
+    let mut s: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = s {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EACCES | libc::EPERM))
+        {
+            return true;
+        }
+        s = c.source();
+    }
+    false
 }
 
 fn main() -> ExitCode {
@@ -203,7 +254,8 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let pin_dir = cli.pin_dir;
+    // One spelling of the directory for the lock, the daemon and the CLI.
+    let pin_dir = firewall_ctl::fsafe::canonical(&cli.pin_dir);
     match cli.cmd {
         Cmd::Attach {
             iface,
@@ -476,18 +528,34 @@ fn peers(pin_dir: &std::path::Path, cmd: PeersCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        PeersCmd::Add { peers } => edit(pin_dir, &peers, true)?,
-        PeersCmd::Remove { peers } => edit(pin_dir, &peers, false)?,
+        PeersCmd::Add { peers, allow_broad } => edit(pin_dir, &peers, Some(allow_broad))?,
+        PeersCmd::Remove { peers } => edit(pin_dir, &peers, None)?,
     }
     Ok(())
 }
 
-fn edit(pin_dir: &std::path::Path, input: &[String], add: bool) -> anyhow::Result<()> {
+/// `allow_broad` is `Some` for an addition, `None` for a removal.
+fn edit(
+    pin_dir: &std::path::Path,
+    input: &[String],
+    allow_broad: Option<bool>,
+) -> anyhow::Result<()> {
+    let add = allow_broad.is_some();
     // Validate everything before touching the kernel: one bad argument changes nothing.
     let nets = input
         .iter()
         .map(|s| parse_peer(s))
         .collect::<Result<Vec<_>, _>>()?;
+    if allow_broad == Some(false)
+        && let Some(n) = nets.iter().find(|n| firewall_ctl::peers::is_broad(n))
+    {
+        return Err(PeerParseError::Broad(*n).into());
+    }
+    if allow_broad == Some(true) {
+        for n in nets.iter().filter(|n| firewall_ctl::peers::is_broad(n)) {
+            eprintln!("warning: {n} allows a large part of the internet (--allow-broad given)");
+        }
+    }
     let _lock = CommitLock::acquire(pin_dir).context("taking the commit lock")?;
     let mut store = KernelStore::open(pin_dir)?;
     let (mut current, cleaned) = Committed::adopt(&mut store)?;
@@ -541,6 +609,7 @@ fn edit(pin_dir: &std::path::Path, input: &[String], add: bool) -> anyhow::Resul
 
 fn stats(pin_dir: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
     sys::check_privileges()?;
+    firewall_ctl::kernel::check_dir(pin_dir)?;
     let read = || -> Vec<(String, firewall_common::Counters)> {
         status::interfaces(pin_dir)
             .into_iter()
@@ -555,10 +624,7 @@ fn stats(pin_dir: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::R
     };
     let mut prev = read();
     if prev.is_empty() {
-        anyhow::bail!(
-            "no interface is attached through {}: run `firewall-ctl attach --iface IF`",
-            pin_dir.display()
-        );
+        return Err(LayoutError::NotAttached(pin_dir.into()).into());
     }
     let Some(secs) = watch else {
         if json {

@@ -20,6 +20,41 @@ pub enum PeerParseError {
     Invalid(String),
     #[error("`{input}` has host bits set: did you mean {suggest}?")]
     HostBits { input: String, suggest: IpNet },
+    #[error(
+        "`{0}` would allow a large part of the internet (shorter than /{MIN_PREFIX_V4} for IPv4 or /{MIN_PREFIX_V6} for IPv6): if you mean it, pass --allow-broad"
+    )]
+    Broad(IpNet),
+}
+
+/// The shortest prefixes accepted without `--allow-broad`. A /8 is 16M
+/// IPv4 hosts and a /32 a whole RIR allocation for IPv6: anything wider is
+/// almost always a typo (`0.0.0.0/0`, `128.0.0.0/1`) that turns the
+/// allowlist off. Discovery sources can never add one.
+pub const MIN_PREFIX_V4: u8 = 8;
+pub const MIN_PREFIX_V6: u8 = 32;
+
+pub fn is_broad(n: &IpNet) -> bool {
+    match n {
+        IpNet::V4(n) => n.prefix_len() < MIN_PREFIX_V4,
+        IpNet::V6(n) => n.prefix_len() < MIN_PREFIX_V6,
+    }
+}
+
+/// An IPv4-mapped IPv6 address or prefix (`::ffff:198.18.0.7`, or
+/// `::ffff:198.18.0.0/112`) is IPv4: packets from that host arrive as IPv4, so
+/// the entry must live in the IPv4 tables or it never matches. Every input
+/// path (CLI, file, etcd, Serf, the core's validation) goes through here.
+pub fn normalize(n: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = n
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+    {
+        return IpNet::V4(
+            ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .expect("96..=128 minus 96 is a valid v4 prefix"),
+        );
+    }
+    n
 }
 
 /// Parse `ADDR` or `ADDR/LEN`. Host bits must be clear, so a typo like
@@ -41,7 +76,7 @@ pub fn parse_peer(s: &str) -> Result<IpNet, PeerParseError> {
             suggest: net.trunc(),
         });
     }
-    Ok(net)
+    Ok(normalize(net))
 }
 
 pub fn is_exact(n: &IpNet) -> bool {

@@ -146,6 +146,10 @@ pub struct Config {
     pub tick_ms: u64,
 }
 
+/// A config file is a few KiB; this bound only stops a wrong path (a device,
+/// a huge log) from being read whole.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 fn default_pin_dir() -> PathBuf {
     "/sys/fs/bpf/firewall".into()
 }
@@ -169,12 +173,43 @@ impl Config {
         }
         Ok(c)
     }
+    /// Read, parse and check the config file; the pin and state directories
+    /// come back in their one canonical spelling (see `fsafe::canonical`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.into(),
             source,
+        };
+        let bytes = crate::fsafe::read_bounded(path, MAX_CONFIG_BYTES)
+            .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Invalid {
+            path: path.into(),
+            message: "not UTF-8 text".into(),
         })?;
-        Config::parse(path, &text)
+        let mut c = Config::parse(path, &text)?;
+        if c.has_secret() {
+            use std::os::unix::fs::MetadataExt as _;
+            let mode = std::fs::metadata(path).map_err(read_err)?.mode();
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.into(),
+                    message: format!(
+                        "it holds a secret (discovery.auth_key) but is readable by group or others (mode {:o}): run `chmod 600 {}`",
+                        mode & 0o777,
+                        path.display()
+                    ),
+                });
+            }
+        }
+        c.pin_dir = crate::fsafe::canonical(&c.pin_dir);
+        c.state_dir = crate::fsafe::canonical(&c.state_dir);
+        Ok(c)
+    }
+
+    /// Whether the file carries a credential, and so must be private like an
+    /// ssh key.
+    pub fn has_secret(&self) -> bool {
+        matches!(&self.discovery, SourceConfig::Serf(s) if s.auth_key.is_some())
     }
 }
 

@@ -310,8 +310,9 @@ impl Core {
         self.now = self.now.max(now);
     }
 
-    /// Check a result's shape. Invalid entries (unspecified or multicast
-    /// addresses, one address listed twice) are dropped and the result is
+    /// Check a result's shape. IPv4-mapped IPv6 entries become IPv4. Invalid
+    /// entries (unspecified or multicast addresses, prefixes broader than
+    /// `peers::MIN_PREFIX_*`, one address listed twice) are dropped and the result is
     /// downgraded to partial: the rest still adds, nothing is deleted.
     fn validate(&self, d: Discovery) -> Discovery {
         let meta = d.meta().clone();
@@ -332,13 +333,21 @@ impl Core {
                 members, reason, ..
             } => (members, false, reason),
         };
+        let mut members = members;
+        for m in &mut members {
+            m.net = crate::peers::normalize(m.net);
+        }
         let mut count: BTreeMap<IpNet, u32> = BTreeMap::new();
         for m in &members {
             *count.entry(m.net).or_default() += 1;
         }
         let bad = |m: &Member| {
             let a = m.net.addr();
-            a.is_unspecified() || a.is_multicast() || m.net.trunc() != m.net || count[&m.net] > 1
+            a.is_unspecified()
+                || a.is_multicast()
+                || m.net.trunc() != m.net
+                || crate::peers::is_broad(&m.net)
+                || count[&m.net] > 1
         };
         let dropped = members.iter().filter(|m| bad(m)).count();
         if dropped == 0 {
@@ -752,6 +761,37 @@ mod tests {
         let plans = drain(&mut c, 11_000);
         assert_eq!(plans[0].changes.remove, vec![p(4)]);
         assert_eq!(plans[0].evictions[0].1.since_ms, 1_000);
+    }
+
+    #[test]
+    fn discovery_never_adds_a_broad_prefix_and_maps_v4_in_v6_to_v4() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let d = Discovery::Complete {
+            members: [
+                "0.0.0.0/0",
+                "128.0.0.0/1",
+                "::/0",
+                "2001::/16",
+                "::ffff:198.18.0.7/128",
+                "198.18.4.0/24",
+            ]
+            .iter()
+            .map(|s| Member {
+                net: net(s),
+                status: MemberStatus::Alive,
+            })
+            .collect(),
+            meta: SourceMeta {
+                healthy: true,
+                ..Default::default()
+            },
+        };
+        c.handle_discovery(0, d);
+        let plans = drain(&mut c, 0);
+        let added: Vec<IpNet> = plans[0].changes.add.iter().map(|(n, _)| *n).collect();
+        assert_eq!(added, vec![net("198.18.0.7/32"), net("198.18.4.0/24")]);
+        assert!(c.status().last_result.unwrap().starts_with("partial"));
     }
 
     #[test]

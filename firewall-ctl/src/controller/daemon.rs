@@ -39,8 +39,25 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The file source: re-read on every change notification, and every
-/// `poll_ms` as a backstop (notify can miss events, e.g. on some filesystems).
+/// Whether a watch event can mean the file's content changed. inotify also
+/// reports opens, reads and closes without writing; reacting to those made
+/// the daemon re-read its file in a loop, since each read is an open
+/// (~12,000 a second, half a core, for ever).
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        EventKind::Any | EventKind::Other => true,
+    }
+}
+
+/// The file source: re-read when the file changes (written, replaced by
+/// rename, created or removed), and every `poll_ms` as a backstop (notify
+/// can miss events, e.g. on network filesystems). Reads and parses run on a
+/// blocking thread, never on the runtime: a 32 MB file takes a second to
+/// parse, and the runtime must keep answering SIGTERM and its timers.
 /// The channel holds one result: a slow core sees the latest data, not a backlog.
 fn spawn_file_source(
     path: PathBuf,
@@ -50,8 +67,19 @@ fn spawn_file_source(
     use notify::Watcher as _;
     let (tx, rx) = mpsc::channel::<Discovery>(1);
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        let _ = wake_tx.try_send(());
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let relevant = match res {
+            Ok(ev) => {
+                is_change(&ev.kind)
+                    && (ev.paths.is_empty()
+                        || ev.paths.iter().any(|p| p.file_name() == name.as_deref()))
+            }
+            Err(_) => true, // a watch error: re-read to be sure
+        };
+        if relevant {
+            let _ = wake_tx.try_send(());
+        }
     })
     .context("starting the file watcher")?;
     // Watch the directory: editors and atomic writers replace the file by rename.
@@ -64,11 +92,17 @@ fn spawn_file_source(
         .with_context(|| format!("watching {}: does the directory exist?", dir.display()))?;
     tokio::spawn(async move {
         loop {
-            let d = file_source::read(&path, max_bytes);
-            match tx.try_send(d) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            let p = path.clone();
+            let d =
+                match tokio::task::spawn_blocking(move || file_source::read(&p, max_bytes)).await {
+                    Ok(d) => d,
+                    Err(e) => Discovery::Failed {
+                        reason: format!("reading {} panicked: {e}", path.display()),
+                        meta: Default::default(),
+                    },
+                };
+            if tx.send(d).await.is_err() {
+                return;
             }
             tokio::select! {
                 _ = wake_rx.recv() => {}
@@ -77,6 +111,42 @@ fn spawn_file_source(
         }
     });
     Ok((rx, watcher))
+}
+
+/// A condition that can last (a failing source): logged when it starts, when
+/// its description changes, and when it ends, with a reminder every
+/// `REMIND_MS` while it lasts; never once per retry, which flooded the log
+/// with thousands of identical lines a second exactly when it was needed.
+#[derive(Default)]
+struct Condition {
+    current: Option<(String, u64)>,
+}
+
+const REMIND_MS: u64 = 60_000;
+
+impl Condition {
+    /// `Some(description)` while the condition holds.
+    fn observe(&mut self, now: u64, what: &str, state: Option<&str>) {
+        match (&mut self.current, state) {
+            (None, Some(s)) => {
+                tracing::warn!(condition = what, "{what}: {s}");
+                self.current = Some((s.to_string(), now));
+            }
+            (Some((old, _)), Some(s)) if old != s => {
+                tracing::warn!(condition = what, "{what} (changed): {s}");
+                self.current = Some((s.to_string(), now));
+            }
+            (Some((s, since)), Some(_)) if now.saturating_sub(*since) >= REMIND_MS => {
+                tracing::warn!(condition = what, "{what} (still): {s}");
+                *since = now;
+            }
+            (Some((s, _)), None) => {
+                tracing::info!(condition = what, "{what} ended (was: {s})");
+                self.current = None;
+            }
+            _ => {}
+        }
+    }
 }
 
 struct Metrics {
@@ -160,7 +230,11 @@ struct Daemon {
     committed: Committed,
     metrics: Metrics,
     last_state: Vec<u8>,
+    /// The core status last published, and when.
+    published: (Vec<u8>, u64),
 }
+
+const REPUBLISH_MS: u64 = 5_000;
 
 impl Daemon {
     fn audit(&self, v: serde_json::Value) {
@@ -179,9 +253,21 @@ impl Daemon {
         Ok(())
     }
 
-    fn publish(&self, running: bool) {
+    /// Publish status.json and metrics.prom when the core's status changed,
+    /// and at least every `REPUBLISH_MS` (so `updated_ms` shows the daemon is
+    /// alive); not on every wake-up, which rewrote both files for nothing.
+    fn publish(&mut self, running: bool) {
         let s = self.core.status();
-        let v = json!({"pid": std::process::id(), "running": running, "updated_ms": now_ms(), "core": s});
+        let core = serde_json::to_vec(&s).unwrap_or_default();
+        let now = now_ms();
+        if running
+            && core == self.published.0
+            && now.saturating_sub(self.published.1) < REPUBLISH_MS
+        {
+            return;
+        }
+        let v =
+            json!({"pid": std::process::id(), "running": running, "updated_ms": now, "core": s});
         let _ = state::replace(
             &self.cfg.state_dir.join(state::STATUS_FILE),
             &serde_json::to_vec_pretty(&v).unwrap_or_default(),
@@ -190,6 +276,7 @@ impl Daemon {
             &self.cfg.state_dir.join(state::METRICS_FILE),
             self.metrics.update(&s).as_ref(),
         );
+        self.published = (core, now);
     }
 
     fn readopt(&mut self, why: &str) -> anyhow::Result<()> {
@@ -272,6 +359,18 @@ impl Daemon {
     }
 }
 
+/// How long a source may go without producing any result before it counts
+/// as failed ("source stalled"), whatever the cause: a hung agent, a
+/// slow-loris reply, a stuck watch. Three polls plus the 5 s request timeout.
+pub fn stall_ms(src: &SourceConfig) -> u64 {
+    let poll_ms = match src {
+        SourceConfig::File { poll_ms, .. } => *poll_ms,
+        SourceConfig::Serf(s) => s.poll_ms,
+        SourceConfig::Etcd(_) => 10_000,
+    };
+    3 * poll_ms + 5_000
+}
+
 /// Attach to the configured interfaces that are not attached yet.
 fn ensure_attached(cfg: &Config) -> anyhow::Result<()> {
     for iface in &cfg.interfaces {
@@ -285,9 +384,10 @@ fn ensure_attached(cfg: &Config) -> anyhow::Result<()> {
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     crate::sys::check_privileges()?;
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    state::prepare_dir(&cfg.state_dir).context("the state directory")?;
     ensure_attached(&cfg)?;
+    crate::kernel::check_dir(&cfg.pin_dir)?;
+    let _controller = crate::lock::ControllerLock::acquire(&cfg.pin_dir, &cfg.state_dir)?;
     let mut store = KernelStore::open(&cfg.pin_dir)?;
     let (committed, cleaned) = {
         let _lock = CommitLock::acquire(&cfg.pin_dir)?;
@@ -309,6 +409,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         committed,
         metrics: Metrics::new(),
         last_state: Vec::new(),
+        published: (Vec::new(), 0),
         cfg,
     };
     d.audit(json!({"ts_ms": now, "event": "started", "pid": std::process::id(), "generation": d.committed.generation,
@@ -338,6 +439,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let tick = Duration::from_millis(d.cfg.tick_ms);
+    let stall_ms = stall_ms(&d.cfg.discovery);
+    let mut last_result_ms = now_ms();
+    let mut source_failing = Condition::default();
+    let mut stalled = false;
     loop {
         let wait = d.core.poll_timeout().map_or(tick, |t| {
             Duration::from_millis(t.saturating_sub(now_ms())).min(tick)
@@ -345,14 +450,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::select! {
             r = rx.recv() => match r {
                 Some(disc) => {
-                    if let Discovery::Failed { reason, .. } = &disc {
-                        tracing::warn!("discovery failed: {reason}");
-                    }
-                    d.core.handle_discovery(now_ms(), disc);
+                    let now = now_ms();
+                    last_result_ms = now;
+                    stalled = false;
+                    let failure = match &disc {
+                        Discovery::Failed { reason, .. } => Some(reason.as_str()),
+                        _ => None,
+                    };
+                    source_failing.observe(now, "discovery failed", failure);
+                    d.core.handle_discovery(now, disc);
                 }
                 None => anyhow::bail!("the discovery source stopped"),
             },
-            _ = tokio::time::sleep(wait) => d.core.handle_tick(now_ms()),
+            _ = tokio::time::sleep(wait) => {
+                let now = now_ms();
+                if !stalled && now.saturating_sub(last_result_ms) > stall_ms {
+                    // No result at all is a failure too: deletions freeze and
+                    // the alarm says so, instead of last_result ageing silently.
+                    stalled = true;
+                    let reason = format!("source stalled: no result for {} ms (limit {stall_ms} ms)", now - last_result_ms);
+                    source_failing.observe(now, "discovery failed", Some(&reason));
+                    d.audit(json!({"ts_ms": now, "event": "source_stalled", "no_result_ms": now - last_result_ms}));
+                    d.core.handle_discovery(now, Discovery::Failed { reason, meta: Default::default() });
+                }
+                d.core.handle_tick(now);
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -3,7 +3,6 @@
 //! crash at any point leaves the old file or the new one, never a torn one.
 
 use std::{
-    fs::{self, File},
     io::Write as _,
     path::{Path, PathBuf},
 };
@@ -11,6 +10,7 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::core::Persisted;
+use crate::fsafe;
 
 pub const STATE_FILE: &str = "state.json";
 pub const STATUS_FILE: &str = "status.json";
@@ -30,39 +30,32 @@ pub enum StateError {
     Corrupt { path: PathBuf, message: String },
 }
 
+/// Durable: fsync'd file and directory (state.json, the record of decisions).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let err = |source| StateError::Write {
+    fsafe::replace(path, bytes, true, 0o600).map_err(|source| StateError::Write {
         path: path.into(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    let mut f = File::create(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-    Ok(())
+    })
 }
 
 /// Replace a file that others read while we run (status.json, metrics.prom):
-/// write a temporary file and rename it over, so a reader (an operator's
-/// `status`, a Prometheus textfile collector) sees the old file or the new
-/// one, never a truncated one. No fsync: these are republished every tick and
-/// are not recovered from after a crash.
+/// a reader (an operator's `status`, a Prometheus textfile collector) sees
+/// the old file or the new one, never a truncated one. No fsync: these are
+/// republished as the controller runs and are not recovered from after a
+/// crash. Mode 0644: readable by a textfile collector when the directory is.
 pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    fs::write(&tmp, bytes)?;
-    fs::rename(&tmp, path)
+    fsafe::replace(path, bytes, false, 0o644)
 }
+
+/// The state directory: created 0700, and refused when another user owns it
+/// or could write it (they could plant links or swap our files).
+pub fn prepare_dir(state_dir: &Path) -> Result<(), fsafe::UnsafePath> {
+    fsafe::ensure_private_dir(state_dir)
+}
+
+/// The largest state file we read back: state.json holds a timer per absent
+/// peer (~100 B each), so this covers well over a million.
+pub const MAX_STATE_BYTES: u64 = 256 << 20;
 
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
     write_atomic(path, &serde_json::to_vec_pretty(v).expect("serialisable"))
@@ -70,14 +63,14 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
 
 /// `Ok(None)` if the file does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
-    match fs::read(path) {
+    match fsafe::read_bounded(path, MAX_STATE_BYTES) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
             .map_err(|e| StateError::Corrupt {
                 path: path.into(),
                 message: e.to_string(),
             }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.not_found() => Ok(None),
         Err(e) => Err(StateError::Corrupt {
             path: path.into(),
             message: e.to_string(),
@@ -100,11 +93,7 @@ pub fn audit(state_dir: &Path, line: &serde_json::Value) -> Result<(), StateErro
         path: path.clone(),
         source,
     };
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(err)?;
+    let mut f = fsafe::open_append(&path).map_err(err)?;
     let mut s = line.to_string();
     s.push('\n');
     f.write_all(s.as_bytes()).map_err(err)?;
