@@ -15,22 +15,24 @@ use serde::Deserialize;
 use super::discovery::{Discovery, Member, MemberStatus, SourceMeta};
 use crate::peers::parse_peer;
 
+/// Both formats in one typed pass, straight from the bytes: going through
+/// `serde_json::Value` first cost ~1 GB and most of a minute for a 1M-peer
+/// file. Ours has `peers` and optional metadata; Serf's has `members` alone.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Ours {
+struct AnyFormat {
+    #[serde(default)]
+    members: Option<Vec<SerfMember>>,
+    #[serde(default)]
+    peers: Option<Vec<OurPeer>>,
     #[serde(default)]
     revision: Option<u64>,
-    #[serde(default = "yes")]
-    complete: bool,
-    #[serde(default = "yes")]
-    healthy: bool,
+    #[serde(default)]
+    complete: Option<bool>,
+    #[serde(default)]
+    healthy: Option<bool>,
     #[serde(default)]
     health_reason: Option<String>,
-    peers: Vec<OurPeer>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Deserialize)]
@@ -71,92 +73,89 @@ fn failed(reason: String) -> Discovery {
 
 /// Read and interpret the file once.
 pub fn read(path: &Path, max_bytes: u64) -> Discovery {
-    let md = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return failed(format!("cannot read {}: {e}", path.display())),
-    };
-    if md.len() > max_bytes {
-        return failed(format!(
-            "{} is {} bytes, more than discovery.max_bytes = {max_bytes}",
-            path.display(),
-            md.len()
-        ));
-    }
-    let bytes = match std::fs::read(path) {
+    // Only a regular file, opened without blocking, read through a bound:
+    // a FIFO, a device or a file that lies about its size is a failure.
+    let bytes = match crate::fsafe::read_bounded(path, max_bytes) {
         Ok(b) => b,
-        Err(e) => return failed(format!("cannot read {}: {e}", path.display())),
+        Err(crate::fsafe::ReadError::TooLarge { .. }) => {
+            return failed(format!(
+                "{} is more than discovery.max_bytes = {max_bytes} bytes",
+                path.display()
+            ));
+        }
+        Err(e) => return failed(e.to_string()),
     };
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return failed(format!("{} is empty (being written?)", path.display()));
     }
-    let v: serde_json::Value = match serde_json::from_slice(&bytes) {
-        Ok(v) => v,
-        Err(e) => {
+    let f: AnyFormat = match serde_json::from_slice(&bytes) {
+        Ok(f) => f,
+        Err(e) if e.is_syntax() || e.is_eof() => {
             return failed(format!(
                 "{} is not valid JSON (half-written?): {e}",
                 path.display()
             ));
         }
+        Err(e) => {
+            return failed(format!(
+                "{}: unrecognised format ({e}): expected {{\"peers\": [...]}} or `serf members -format=json` output",
+                path.display()
+            ));
+        }
     };
     let mut bad: Vec<String> = Vec::new();
-    if v.get("members").is_some() {
-        let m: SerfMembers = match serde_json::from_value(v) {
-            Ok(m) => m,
-            Err(e) => {
-                return failed(format!(
-                    "{}: not `serf members -format=json` output: {e}",
-                    path.display()
-                ));
+    match (f.members, f.peers) {
+        (Some(members), None)
+            if f.revision.is_none()
+                && f.complete.is_none()
+                && f.healthy.is_none()
+                && f.health_reason.is_none() =>
+        {
+            let mut out = Vec::with_capacity(members.len());
+            for sm in members {
+                match sm
+                    .addr
+                    .parse::<SocketAddr>()
+                    .map(|a| a.ip())
+                    .or_else(|_| sm.addr.parse())
+                {
+                    Ok(ip) => out.push(Member {
+                        net: crate::peers::normalize(ip.into()),
+                        status: status_of(&sm.status),
+                    }),
+                    Err(_) => bad.push(sm.addr),
+                }
             }
-        };
-        let mut members = Vec::with_capacity(m.members.len());
-        for sm in m.members {
-            match sm
-                .addr
-                .parse::<SocketAddr>()
-                .map(|a| a.ip())
-                .or_else(|_| sm.addr.parse())
-            {
-                Ok(ip) => members.push(Member {
-                    net: ip.into(),
-                    status: status_of(&sm.status),
-                }),
-                Err(_) => bad.push(sm.addr),
-            }
+            let meta = SourceMeta {
+                revision: None,
+                healthy: true,
+                health_reason: None,
+            };
+            finish(out, bad, true, meta)
         }
-        let meta = SourceMeta {
-            revision: None,
-            healthy: true,
-            health_reason: None,
-        };
-        return finish(members, bad, true, meta);
-    }
-    if v.get("peers").is_some() {
-        let o: Ours = match serde_json::from_value(v) {
-            Ok(o) => o,
-            Err(e) => return failed(format!("{}: {e}", path.display())),
-        };
-        let mut members = Vec::with_capacity(o.peers.len());
-        for p in o.peers {
-            match parse_peer(&p.addr) {
-                Ok(net) => members.push(Member {
-                    net,
-                    status: status_of(p.status.as_deref().unwrap_or("alive")),
-                }),
-                Err(_) => bad.push(p.addr),
+        (None, Some(peers)) => {
+            let mut out = Vec::with_capacity(peers.len());
+            for p in peers {
+                match parse_peer(&p.addr) {
+                    Ok(net) => out.push(Member {
+                        net,
+                        status: status_of(p.status.as_deref().unwrap_or("alive")),
+                    }),
+                    Err(_) => bad.push(p.addr),
+                }
             }
+            let meta = SourceMeta {
+                revision: f.revision,
+                healthy: f.healthy.unwrap_or(true),
+                health_reason: f.health_reason,
+            };
+            finish(out, bad, f.complete.unwrap_or(true), meta)
         }
-        let meta = SourceMeta {
-            revision: o.revision,
-            healthy: o.healthy,
-            health_reason: o.health_reason,
-        };
-        return finish(members, bad, o.complete, meta);
+        _ => failed(format!(
+            "{}: unrecognised format: expected {{\"peers\": [...]}} or `serf members -format=json` output",
+            path.display()
+        )),
     }
-    failed(format!(
-        "{}: unrecognised format: expected {{\"peers\": [...]}} or `serf members -format=json` output",
-        path.display()
-    ))
 }
 
 fn finish(members: Vec<Member>, bad: Vec<String>, complete: bool, meta: SourceMeta) -> Discovery {
@@ -232,6 +231,27 @@ mod tests {
         assert!(
             matches!(with(r#"{"peers": []}"#), Discovery::Complete { ref members, .. } if members.is_empty())
         );
+        // IPv4-mapped IPv6 is IPv4, in both formats: packets from that host
+        // arrive as IPv4.
+        let Discovery::Complete { members, .. } = with(
+            r#"{"peers": [{"addr": "::ffff:198.18.0.7"}, {"addr": "::ffff:198.18.4.0/120"}]}"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(members[0].net.to_string(), "198.18.0.7/32");
+        assert_eq!(members[1].net.to_string(), "198.18.4.0/24");
+        let Discovery::Complete { members, .. } =
+            with(r#"{"members": [{"addr": "[::ffff:198.18.0.9]:7946", "status": "alive"}]}"#)
+        else {
+            panic!()
+        };
+        assert_eq!(members[0].net.to_string(), "198.18.0.9/32");
+        for both in [
+            r#"{"members": [], "peers": []}"#,
+            r#"{"members": [], "revision": 1}"#,
+        ] {
+            assert!(matches!(with(both), Discovery::Failed { .. }), "{both}");
+        }
         let d = with(r#"{"peers": [{"addr": "198.18.0.7"}, {"addr": "nope"}]}"#);
         assert!(
             matches!(d, Discovery::Partial { ref reason, .. } if reason.contains("nope")),

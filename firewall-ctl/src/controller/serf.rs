@@ -14,10 +14,10 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufReader, Write as _},
+    io::{BufReader, Read, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream, ToSocketAddrs},
     sync::mpsc as std_mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -127,12 +127,65 @@ pub fn member_ip(b: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// The bound on one reply (header, body or stream record) when the config
+/// sets none: a member entry is 150-300 bytes with a few tags, so 64 MiB is
+/// some 250,000 members, far past any Serf cluster. A reply that declares
+/// or sends more is a failed result, never a 4 GiB allocation.
+pub const DEFAULT_MAX_REPLY_BYTES: u64 = 64 << 20;
+
+/// The socket under the reader: each read honours the request's deadline
+/// (a whole reply, not one `read`, must arrive within the timeout, so an
+/// agent that trickles a byte every few seconds still times out) and the
+/// reply's byte budget (rmp-serde grows buffers as bytes arrive, so the
+/// budget also bounds every allocation a hostile reply can cause).
+struct Guarded {
+    s: TcpStream,
+    deadline: Option<Instant>,
+    budget: u64,
+}
+
+impl Guarded {
+    fn arm(&mut self, timeout: Option<Duration>, budget: u64) {
+        self.deadline = timeout.map(|t| Instant::now() + t);
+        self.budget = budget;
+    }
+}
+
+impl Read for Guarded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.budget == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the reply is larger than the bound (discovery.max_reply_bytes)",
+            ));
+        }
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no complete reply within the request timeout",
+                ));
+            }
+            self.s.set_read_timeout(Some(left))?;
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.budget).unwrap_or(usize::MAX));
+        let r = self.s.read(&mut buf[..n])?;
+        self.budget -= r as u64;
+        Ok(r)
+    }
+}
+
 /// One RPC connection. Requests and replies are msgpack objects back to back
 /// with no framing; which commands return a body is fixed per command.
 pub struct Conn {
     w: TcpStream,
-    r: BufReader<TcpStream>,
+    r: BufReader<Guarded>,
     seq: u64,
+    timeout: Option<Duration>,
+    max_reply_bytes: u64,
 }
 
 impl Conn {
@@ -153,18 +206,34 @@ impl Conn {
         let s = TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(err)?;
         // A timeout mid-object leaves the stream unusable; the caller then
         // drops this connection and opens a new one.
-        s.set_read_timeout(timeout)?;
+        s.set_write_timeout(Some(timeout.unwrap_or(Duration::from_secs(5))))?;
         s.set_nodelay(true)?;
         let mut c = Conn {
-            r: BufReader::new(s.try_clone()?),
+            r: BufReader::new(Guarded {
+                s: s.try_clone()?,
+                deadline: None,
+                budget: 0,
+            }),
             w: s,
             seq: 0,
+            timeout,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
         };
         c.call::<_, ()>("handshake", Some(&Handshake { version: 1 }), false)?;
         if let Some(k) = auth_key {
             c.call::<_, ()>("auth", Some(&Auth { auth_key: k }), false)?;
         }
         Ok(c)
+    }
+
+    pub fn set_max_reply_bytes(&mut self, n: u64) {
+        self.max_reply_bytes = n;
+    }
+
+    /// Arm the reader for one more object from the stream connection (no
+    /// deadline: events come when they come; the byte bound still holds).
+    fn arm_record(&mut self) {
+        self.r.get_mut().arm(None, self.max_reply_bytes);
     }
 
     fn send<B: Serialize>(&mut self, command: &str, body: Option<&B>) -> Result<u64, SerfError> {
@@ -197,6 +266,8 @@ impl Conn {
         has_reply: bool,
     ) -> Result<Option<R>, SerfError> {
         let seq = self.send(command, body)?;
+        // One deadline and one byte budget for the whole reply.
+        self.r.get_mut().arm(self.timeout, self.max_reply_bytes);
         let h = self.header(command)?;
         if h.seq != seq {
             return Err(SerfError::Agent {
@@ -250,6 +321,13 @@ pub struct SerfConfig {
     pub poll_ms: u64,
     #[serde(default)]
     pub auth_key: Option<String>,
+    /// The largest reply accepted from the agent (see DEFAULT_MAX_REPLY_BYTES).
+    #[serde(default = "default_max_reply_bytes")]
+    pub max_reply_bytes: u64,
+}
+
+fn default_max_reply_bytes() -> u64 {
+    DEFAULT_MAX_REPLY_BYTES
 }
 
 fn default_rpc() -> String {
@@ -358,10 +436,12 @@ fn session(
         cfg.auth_key.as_deref(),
         Some(Duration::from_secs(5)),
     )?;
+    conn.set_max_reply_bytes(cfg.max_reply_bytes);
     let me = conn.self_name()?;
     // Events on a dedicated connection: replies and records would interleave.
     let (wake_tx, wake_rx) = std_mpsc::sync_channel::<()>(1);
     let mut sconn = Conn::connect(&cfg.rpc_addr, cfg.auth_key.as_deref(), None)?;
+    sconn.set_max_reply_bytes(cfg.max_reply_bytes);
     sconn.call::<_, ()>(
         "stream",
         Some(&Stream {
@@ -373,6 +453,7 @@ fn session(
         .name("serf-stream".into())
         .spawn(move || {
             loop {
+                sconn.arm_record();
                 let h: Result<ResponseHeader, _> = rmp_serde::from_read(&mut sconn.r);
                 let rec: Result<StreamRecord, _> = rmp_serde::from_read(&mut sconn.r);
                 match (h, rec) {
@@ -406,7 +487,107 @@ fn session(
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
+
+    /// What a hostile or broken agent sends back, on loopback.
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Header {
+        seq: u64,
+        error: String,
+    }
+
+    fn header(seq: u64) -> Vec<u8> {
+        rmp_serde::to_vec_named(&Header {
+            seq,
+            error: String::new(),
+        })
+        .unwrap()
+    }
+
+    /// A fake agent that runs `serve` on its first connection.
+    fn fake_agent(serve: impl FnOnce(TcpStream) + Send + 'static) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            if let Ok((s, _)) = l.accept() {
+                serve(s);
+            }
+        });
+        addr
+    }
+
+    /// Run `f` on a thread and wait for it, so a regression that hangs fails
+    /// the test instead of hanging the run.
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the Serf client hung on a misbehaving agent")
+    }
+
+    #[test]
+    fn an_agent_that_trickles_a_byte_at_a_time_times_out() {
+        // One byte a second never trips a per-read timeout of 2 s; only a
+        // deadline for the whole reply does.
+        let addr = fake_agent(|mut s| {
+            for b in header(0) {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1_000));
+            }
+        });
+        let r =
+            within(move || Conn::connect(&addr, None, Some(Duration::from_secs(2))).map(|_| ()));
+        let e = r.expect_err("a trickled reply must fail");
+        assert!(e.to_string().contains("no complete reply"), "{e}");
+    }
+
+    fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reply_declaring_4_gib_is_cut_at_the_bound() {
+        // The `stats` body claims a 4 GiB string and streams up to 256 MB.
+        let addr = fake_agent(|mut s| {
+            let mut first = header(0);
+            first.extend(header(1));
+            first.extend([0xdb, 0xff, 0xff, 0xff, 0xff]); // str32 of 4 GiB - 1
+            if s.write_all(&first).is_err() {
+                return;
+            }
+            let chunk = vec![b'a'; 1 << 20];
+            for _ in 0..256 {
+                if s.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let before = peak_rss_kib();
+        let r = within(move || {
+            let mut c = Conn::connect(&addr, None, Some(Duration::from_secs(20)))?;
+            c.set_max_reply_bytes(4 << 20);
+            c.self_name()
+        });
+        let e = r.expect_err("a reply over the bound must fail");
+        assert!(e.to_string().contains("larger than the bound"), "{e}");
+        let grew_mib = peak_rss_kib().saturating_sub(before) / 1024;
+        assert!(
+            grew_mib < 64,
+            "peak RSS grew by {grew_mib} MiB for a 4 MiB bound"
+        );
+    }
 
     fn m(name: &str, ip: [u8; 4], status: &str) -> SerfMember {
         SerfMember {
