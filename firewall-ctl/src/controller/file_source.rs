@@ -8,7 +8,7 @@
 //! - `serf members -format=json` output as it is:
 //!   `{"members": [{"name": "n1", "addr": "198.18.0.11:7946", "status": "alive", ...}]}`.
 
-use std::{net::SocketAddr, path::Path};
+use std::{borrow::Cow, net::SocketAddr, path::Path};
 
 use serde::Deserialize;
 
@@ -18,13 +18,15 @@ use crate::peers::parse_peer;
 /// Both formats in one typed pass, straight from the bytes: going through
 /// `serde_json::Value` first cost ~1 GB and most of a minute for a 1M-peer
 /// file. Ours has `peers` and optional metadata; Serf's has `members` alone.
+/// Strings borrow from the file's bytes (`Cow`: owned only when escaped), so
+/// a million entries cost no million small allocations.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AnyFormat {
-    #[serde(default)]
-    members: Option<Vec<SerfMember>>,
-    #[serde(default)]
-    peers: Option<Vec<OurPeer>>,
+struct AnyFormat<'a> {
+    #[serde(default, borrow)]
+    members: Option<Vec<SerfMember<'a>>>,
+    #[serde(default, borrow)]
+    peers: Option<Vec<OurPeer<'a>>>,
     #[serde(default)]
     revision: Option<u64>,
     #[serde(default)]
@@ -37,21 +39,19 @@ struct AnyFormat {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OurPeer {
-    addr: String,
-    #[serde(default)]
-    status: Option<String>,
+struct OurPeer<'a> {
+    #[serde(borrow)]
+    addr: Cow<'a, str>,
+    #[serde(default, borrow)]
+    status: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct SerfMembers {
-    members: Vec<SerfMember>,
-}
-
-#[derive(Deserialize)]
-struct SerfMember {
-    addr: String,
-    status: String,
+struct SerfMember<'a> {
+    #[serde(borrow)]
+    addr: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
 }
 
 pub fn status_of(s: &str) -> MemberStatus {
@@ -103,7 +103,7 @@ pub fn read(path: &Path, max_bytes: u64) -> Discovery {
             ));
         }
     };
-    let mut bad: Vec<String> = Vec::new();
+    let mut bad = Bad::default();
     match (f.members, f.peers) {
         (Some(members), None)
             if f.revision.is_none()
@@ -123,7 +123,7 @@ pub fn read(path: &Path, max_bytes: u64) -> Discovery {
                         net: crate::peers::normalize(ip.into()),
                         status: status_of(&sm.status),
                     }),
-                    Err(_) => bad.push(sm.addr),
+                    Err(_) => bad.note(&sm.addr),
                 }
             }
             let meta = SourceMeta {
@@ -141,7 +141,7 @@ pub fn read(path: &Path, max_bytes: u64) -> Discovery {
                         net,
                         status: status_of(p.status.as_deref().unwrap_or("alive")),
                     }),
-                    Err(_) => bad.push(p.addr),
+                    Err(_) => bad.note(&p.addr),
                 }
             }
             let meta = SourceMeta {
@@ -158,8 +158,26 @@ pub fn read(path: &Path, max_bytes: u64) -> Discovery {
     }
 }
 
-fn finish(members: Vec<Member>, bad: Vec<String>, complete: bool, meta: SourceMeta) -> Discovery {
-    if bad.is_empty() && complete {
+/// Invalid entries: counted, and the first few kept to name in the reason
+/// (a file of a million bad lines must not become a million strings).
+#[derive(Default)]
+struct Bad {
+    count: usize,
+    shown: Vec<String>,
+}
+
+impl Bad {
+    const SHOWN: usize = 5;
+    fn note(&mut self, s: &str) {
+        self.count += 1;
+        if self.shown.len() < Self::SHOWN {
+            self.shown.push(s.chars().take(80).collect());
+        }
+    }
+}
+
+fn finish(members: Vec<Member>, bad: Bad, complete: bool, meta: SourceMeta) -> Discovery {
+    if bad.count == 0 && complete {
         return Discovery::Complete { members, meta };
     }
     let mut reason = if complete {
@@ -167,15 +185,13 @@ fn finish(members: Vec<Member>, bad: Vec<String>, complete: bool, meta: SourceMe
     } else {
         "the file says complete: false".to_string()
     };
-    if !bad.is_empty() {
-        // Bounded: name the first few bad entries only.
-        let shown: Vec<&str> = bad.iter().take(5).map(String::as_str).collect();
+    if bad.count > 0 {
         reason = format!(
-            "{}{} invalid addresses skipped ({}{})",
+            "{reason}{}{} invalid addresses skipped ({}{})",
             if reason.is_empty() { "" } else { "; " },
-            bad.len(),
-            shown.join(", "),
-            if bad.len() > 5 { ", ..." } else { "" }
+            bad.count,
+            bad.shown.join(", "),
+            if bad.count > Bad::SHOWN { ", ..." } else { "" }
         );
     }
     Discovery::Partial {
