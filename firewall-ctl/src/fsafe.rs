@@ -129,8 +129,10 @@ fn check_one(path: &Path, must_be_ours: bool) -> Result<(), UnsafePath> {
         });
     }
     let mode = md.mode() & 0o7777;
+    // A sticky root-owned ancestor (/tmp, bpffs' root) may be world-writable:
+    // others cannot remove or rename what we made in it. Ours never may.
     let sticky_root = mode & libc::S_ISVTX != 0 && md.uid() == 0;
-    if mode & 0o022 != 0 && !(sticky_root && !must_be_ours) {
+    if mode & 0o022 != 0 && (must_be_ours || !sticky_root) {
         return Err(UnsafePath::Writable {
             path: path.into(),
             mode,

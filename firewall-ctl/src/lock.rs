@@ -28,6 +28,8 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Unsafe(#[from] crate::fsafe::UnsafePath),
     #[error(
         "another controller{holder} already runs on {path}: stop it first (one controller per pin directory and per state directory)"
     )]
@@ -60,6 +62,9 @@ pub struct CommitLock(
 impl CommitLock {
     /// Blocks until the other writer is done (commits take milliseconds).
     pub fn acquire(pin_dir: &Path) -> Result<CommitLock, LockError> {
+        // Whose directory it is comes first: a lock on a directory someone
+        // else controls would serialise nothing.
+        crate::fsafe::check_private_dir(pin_dir)?;
         let f = open_dir(pin_dir)?;
         flock(&f, libc::LOCK_EX).map_err(|source| LockError::Io {
             path: pin_dir.into(),
@@ -85,10 +90,7 @@ pub const STATE_LOCK: &str = "controller.lock";
 impl ControllerLock {
     pub fn acquire(pin_dir: &Path, state_dir: &Path) -> Result<ControllerLock, LockError> {
         let cdir = pin_dir.join(CONTROLLER_DIR);
-        crate::fsafe::ensure_private_dir(&cdir).map_err(|e| LockError::Io {
-            path: cdir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        crate::fsafe::ensure_private_dir(&cdir)?;
         let path = state_dir.join(STATE_LOCK);
         let io = |source| LockError::Io {
             path: path.clone(),

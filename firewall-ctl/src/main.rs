@@ -156,6 +156,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(e) = c.downcast_ref::<LockError>() {
             return match e {
                 LockError::Busy { .. } => exit::REFUSED,
+                LockError::Unsafe(u) => unsafe_path_code(u),
                 LockError::Io { source, .. } => io_code(source),
             };
         }
@@ -302,10 +303,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;
-            tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-                .block_on(daemon::run(cfg))?;
+                .build()?;
+            let r = rt.block_on(daemon::run(cfg));
+            // A discovery read still running on a blocking thread must not hold
+            // up the exit after SIGTERM: it only reads a file.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            r?;
         }
         Cmd::Plan { config, json } => {
             sys::check_privileges()?;

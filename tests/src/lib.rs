@@ -647,6 +647,33 @@ impl Daemon {
             let _ = c.wait();
         }
     }
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+    /// Wait for the daemon to exit on its own, polling up to `limit`; `None`
+    /// if it is still running then (the caller decides what that means).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+    /// Send `signal` without waiting (the caller then uses `wait_exit`).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+    /// The daemon's published status.json, if any.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let b = std::fs::read(self.state_dir.join("status.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.state_dir.join("audit.jsonl"))
             .unwrap_or_default()
