@@ -231,7 +231,10 @@ impl CtrlMap {
     fn update(&self, f: impl FnOnce(&mut Control)) {
         // Only the fields other than committed_gen are written this way; the
         // datapath reads none of them except the CIDR counts of the live slot,
-        // which are only ever written for the standby slot.
+        // which are only ever written for the standby slot. The flip's Release
+        // store of committed_gen comes after these volatile writes in program
+        // order, so it publishes them (see the compile_error in lib.rs for the
+        // datapath's side of that).
         let mut c = self.read();
         f(&mut c);
         // SAFETY: as in read(); a single writer holds the commit lock.

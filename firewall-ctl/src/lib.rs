@@ -1,6 +1,15 @@
 //! firewall-ctl: loads the XDP firewall, inspects it, and commits peer
 //! generations to it through a guarded two-phase commit.
 
+// The slot protocol (table.rs) stores with Release and the XDP program reads
+// the generation with a plain load, which is an acquire only where every load
+// is: x86-64. On a weakly ordered CPU the datapath could see a bucket older
+// than the generation it read, so refuse to build rather than run unsafely.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "firewall-ctl's slot protocol relies on x86-64 load ordering in the XDP program; other architectures need load-acquire in firewall-ebpf first"
+);
+
 pub mod attach;
 pub mod batch;
 pub mod commit;

@@ -175,15 +175,27 @@ fn committed() -> Option<&'static Control> {
     CTRL.get(0)
 }
 
-// The exact-peer lookups. `ctrl.committed_gen` is read before any bucket, so a
+/// The committed generation, read once per packet, explicitly: the exact
+/// lookup and the CIDR slot choice must judge the packet by the same
+/// generation, and a plain field read may be repeated or moved by the
+/// compiler. A volatile load is one 8-byte load; on x86-64 every load is an
+/// acquire, so the buckets read after it are at least as new as the flip
+/// (userspace stores the generation with Release). firewall-ctl refuses to
+/// build for other architectures, where this would need a load-acquire.
+#[inline(always)]
+fn generation_of(ctrl: &Control) -> u64 {
+    // SAFETY: `ctrl` is a valid reference into the CTRL array value.
+    unsafe { core::ptr::read_volatile(&ctrl.committed_gen) }
+}
+
+// The exact-peer lookups. The generation is read (once) before any bucket, so a
 // slot that userspace is writing for the staged generation (committed + 1) is
 // invisible to this packet however its fields interleave with our reads. Keys
 // are compared as whole words: the buckets are 8-byte aligned array values,
 // so `addr[i]` is 4-aligned (v4) or 8-aligned (v6).
 
 #[inline(always)]
-fn peer_v4(ctrl: &Control, word: u32) -> bool {
-    let generation = ctrl.committed_gen;
+fn peer_v4(ctrl: &Control, generation: u64, word: u32) -> bool {
     let mask = ctrl.bucket_mask[0];
     let mut b = hash4(word, &ctrl.hash_seed);
     for _ in 0..MAX_PROBE {
@@ -207,8 +219,7 @@ fn peer_v4(ctrl: &Control, word: u32) -> bool {
 }
 
 #[inline(always)]
-fn peer_v6(ctrl: &Control, hi: u64, lo: u64) -> bool {
-    let generation = ctrl.committed_gen;
+fn peer_v6(ctrl: &Control, generation: u64, hi: u64, lo: u64) -> bool {
     let mask = ctrl.bucket_mask[1];
     // The BPF target is little-endian: the low half of a native u64 load is
     // the first 4 bytes, as `firewall_common::words6` takes them.
@@ -273,8 +284,8 @@ fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
     let Some(ctrl) = committed() else {
         return Reason::DefaultDrop;
     };
-    let generation = ctrl.committed_gen;
-    if peer_v4(ctrl, src_raw) {
+    let generation = generation_of(ctrl);
+    if peer_v4(ctrl, generation, src_raw) {
         return Reason::Peer;
     }
     let key = Key::new(32, src_bytes);
@@ -371,8 +382,8 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
         return Reason::Overlay;
     }
     if let Some(ctrl) = committed() {
-        let generation = ctrl.committed_gen;
-        if peer_v6(ctrl, hi_ne, lo_ne) {
+        let generation = generation_of(ctrl);
+        if peer_v6(ctrl, generation, hi_ne, lo_ne) {
             return Reason::Peer;
         }
         let key = Key::new(128, ip.src_addr);
