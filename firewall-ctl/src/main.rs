@@ -503,7 +503,9 @@ fn approve(state_dir: &std::path::Path, yes: bool, peers: &[String]) -> anyhow::
         );
         return Ok(());
     }
-    let req = serde_json::json!({"peers": if chosen.is_empty() { serde_json::Value::Null } else { serde_json::to_value(&chosen)? }});
+    let req = state::Approval {
+        peers: (!chosen.is_empty()).then_some(chosen),
+    };
     state::write_json(&state_dir.join(state::APPROVE_FILE), &req)?;
     println!("approval written; the controller applies it within one tick (see its audit log)");
     Ok(())

@@ -13,7 +13,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ipnet::IpNet;
 use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -356,14 +355,34 @@ impl Daemon {
 
     fn check_approval(&mut self) -> anyhow::Result<()> {
         let path = self.cfg.state_dir.join(state::APPROVE_FILE);
-        let Some(req) = state::read_json::<serde_json::Value>(&path).unwrap_or(None) else {
-            return Ok(());
+        let bytes = match crate::fsafe::read_bounded(&path, state::MAX_APPROVAL_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.not_found() => return Ok(()),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::error!("approval refused: {e}");
+                self.audit(
+                    json!({"ts_ms": now_ms(), "event": "approval_refused", "error": e.to_string()}),
+                );
+                return Ok(());
+            }
         };
         let _ = std::fs::remove_file(&path);
-        let list: Option<Vec<IpNet>> = req
-            .get("peers")
-            .and_then(|p| serde_json::from_value(p.clone()).ok());
-        let approved = self.core.approve(now_ms(), list.as_deref());
+        let req = match state::parse_approval(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                // Never "approve all" because a list could not be read.
+                tracing::error!(
+                    "approval refused: {} is not an approval ({e}); nothing approved",
+                    path.display()
+                );
+                self.audit(
+                    json!({"ts_ms": now_ms(), "event": "approval_refused", "error": e.to_string()}),
+                );
+                return Ok(());
+            }
+        };
+        let approved = self.core.approve(now_ms(), req.peers.as_deref());
         self.audit(json!({"ts_ms": now_ms(), "event": "approved", "peers": approved}));
         tracing::warn!(count = approved.len(), "operator approved held deletions");
         Ok(())

@@ -44,7 +44,8 @@ struct Value {
 }
 
 /// Parse one key's value; `None` for a value that is not a peer document.
-fn parse(v: &[u8]) -> Option<Member> {
+/// Public for the fuzz target `etcd_value`.
+pub fn parse(v: &[u8]) -> Option<Member> {
     let v: Value = serde_json::from_slice(v).ok()?;
     Some(Member {
         net: parse_peer(&v.addr).ok()?,

@@ -85,10 +85,16 @@ pub fn read(path: &Path, max_bytes: u64) -> Discovery {
         }
         Err(e) => return failed(e.to_string()),
     };
+    parse(&bytes, path)
+}
+
+/// Interpret a file's bytes (`path` only names it in messages). Never
+/// panics, whatever the bytes: the fuzz target `file_source` holds it to that.
+pub fn parse(bytes: &[u8], path: &Path) -> Discovery {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return failed(format!("{} is empty (being written?)", path.display()));
     }
-    let f: AnyFormat = match serde_json::from_slice(&bytes) {
+    let f: AnyFormat = match serde_json::from_slice(bytes) {
         Ok(f) => f,
         Err(e) if e.is_syntax() || e.is_eof() => {
             return failed(format!(

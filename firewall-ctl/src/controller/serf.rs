@@ -100,8 +100,8 @@ pub struct SerfMember {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct MembersResponse {
-    members: Vec<SerfMember>,
+pub struct MembersResponse {
+    pub members: Vec<SerfMember>,
 }
 
 /// A stream record; only `Event` matters (events are hints).
@@ -124,6 +124,35 @@ pub fn member_ip(b: &[u8]) -> Option<IpAddr> {
             )
         }
         _ => None,
+    }
+}
+
+/// Read one reply from the agent: the header (an agent error or a reply to
+/// another request is an error), then the body if the command has one.
+/// Public for the fuzz target `serf_reply`, which feeds it arbitrary bytes.
+pub fn read_reply<R: DeserializeOwned>(
+    r: &mut impl Read,
+    command: &str,
+    seq: u64,
+    has_reply: bool,
+) -> Result<Option<R>, SerfError> {
+    let h: ResponseHeader = rmp_serde::from_read(&mut *r)?;
+    if !h.error.is_empty() {
+        return Err(SerfError::Agent {
+            command: command.into(),
+            error: h.error,
+        });
+    }
+    if h.seq != seq {
+        return Err(SerfError::Agent {
+            command: command.into(),
+            error: format!("reply for seq {} to request {seq}", h.seq),
+        });
+    }
+    if has_reply {
+        Ok(Some(rmp_serde::from_read(r)?))
+    } else {
+        Ok(None)
     }
 }
 
@@ -248,17 +277,6 @@ impl Conn {
         Ok(seq)
     }
 
-    fn header(&mut self, command: &str) -> Result<ResponseHeader, SerfError> {
-        let h: ResponseHeader = rmp_serde::from_read(&mut self.r)?;
-        if !h.error.is_empty() {
-            return Err(SerfError::Agent {
-                command: command.into(),
-                error: h.error,
-            });
-        }
-        Ok(h)
-    }
-
     pub fn call<B: Serialize, R: DeserializeOwned>(
         &mut self,
         command: &str,
@@ -268,18 +286,7 @@ impl Conn {
         let seq = self.send(command, body)?;
         // One deadline and one byte budget for the whole reply.
         self.r.get_mut().arm(self.timeout, self.max_reply_bytes);
-        let h = self.header(command)?;
-        if h.seq != seq {
-            return Err(SerfError::Agent {
-                command: command.into(),
-                error: format!("reply for seq {} to request {seq}", h.seq),
-            });
-        }
-        if has_reply {
-            Ok(Some(rmp_serde::from_read(&mut self.r)?))
-        } else {
-            Ok(None)
-        }
+        read_reply(&mut self.r, command, seq, has_reply)
     }
 
     pub fn members_filtered(

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 
 use super::core::Persisted;
 use crate::fsafe;
@@ -78,6 +78,26 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateErr
     }
 }
 
+/// `approve.json`, written by `firewall-ctl approve --yes` and taken by the
+/// daemon: the held deletions to let through, or all of them (`null`).
+/// Anything else is refused whole: a malformed approval must never read as
+/// "approve everything".
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    /// Required, `null` included: `deserialize_with` switches off serde's
+    /// reading of a missing Option as None, so `{}` is not "approve all".
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub peers: Option<Vec<ipnet::IpNet>>,
+}
+
+/// The largest approval file read: a list of addresses, far below this.
+pub const MAX_APPROVAL_BYTES: u64 = 16 << 20;
+
+pub fn parse_approval(bytes: &[u8]) -> Result<Approval, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
 pub fn load(state_dir: &Path) -> Result<Option<Persisted>, StateError> {
     read_json(&state_dir.join(STATE_FILE))
 }
@@ -98,4 +118,37 @@ pub fn audit(state_dir: &Path, line: &serde_json::Value) -> Result<(), StateErro
     s.push('\n');
     f.write_all(s.as_bytes()).map_err(err)?;
     f.sync_data().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_approval_is_refused_never_read_as_approve_all() {
+        assert_eq!(
+            parse_approval(br#"{"peers": null}"#).unwrap(),
+            Approval { peers: None }
+        );
+        assert_eq!(
+            parse_approval(br#"{"peers": ["198.18.0.7/32"]}"#).unwrap(),
+            Approval {
+                peers: Some(vec!["198.18.0.7/32".parse().unwrap()])
+            }
+        );
+        for bad in [
+            &br#"{"peers": "198.18.0.7"}"#[..],
+            br#"{"peers": ["nope"]}"#,
+            br#"{"peers": [], "all": true}"#,
+            br#"{}"#,
+            b"",
+            b"[1,2",
+        ] {
+            assert!(
+                parse_approval(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 }
