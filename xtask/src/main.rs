@@ -1,4 +1,4 @@
-//! cargo xtask setup | test | demo | bench [datapath|controller|all] | sim
+//! cargo xtask setup | test | demo | bench [datapath|controller|all] | sim | fuzz
 //!
 //! Every command that needs the kernel toolchain runs `setup` first; setup is
 //! idempotent and takes about a second once everything is installed.
@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod fuzz;
 mod setup;
 use setup::setup;
 
@@ -124,6 +125,26 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         }
     }
     let st = child.wait()?;
+    // A short smoke of every fuzz target: the seeds, every kept regression,
+    // then FUZZ_SMOKE_SECS of new inputs (`cargo xtask fuzz` runs long ones).
+    fuzz::build()?;
+    let secs = env::var("FUZZ_SMOKE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    for t in fuzz::TARGETS {
+        let o = fuzz::run_one(t, secs)?;
+        println!(
+            "fuzz smoke {t} ... {} ({} runs in {secs} s)",
+            if o.ok { "ok" } else { "FAILED" },
+            o.runs.map_or("?".into(), |r| r.to_string())
+        );
+        if o.ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
     println!("total: {passed} passed, {failed} failed, {ignored} skipped");
     if !st.success() || failed > 0 {
         bail!("tests failed");
@@ -156,6 +177,7 @@ fn main() {
                     other => bail!("unknown benchmark `{other}`: use datapath, controller or all"),
                 })
         }
+        Some("fuzz") => setup().and_then(|()| fuzz::main(&args[1..])),
         Some("sim") => setup().and_then(|()| {
             run(
                 "building the simulator",
@@ -175,7 +197,7 @@ fn main() {
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test [cargo test args] | demo | bench [datapath|controller|all] | sim --seeds N [--seed S]>"
+                "usage: cargo xtask <setup | test [cargo test args] | demo | bench [datapath|controller|all] | sim --seeds N [--seed S] | fuzz [--secs N] [TARGET...]>"
             );
             exit(2);
         }

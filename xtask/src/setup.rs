@@ -90,6 +90,11 @@ pub const PACKAGES: &[Package] = &[
         why: "protobuf's well-known .proto files, imported by etcd's (only recommended by protobuf-compiler)",
     },
     Package {
+        name: "g++",
+        uses: &["/usr/bin/g++"],
+        why: "libFuzzer, which cargo-fuzz compiles for the fuzz targets",
+    },
+    Package {
         name: "mount",
         uses: &["/usr/bin/mount"],
         why: "mounting bpffs",
@@ -153,9 +158,10 @@ pub fn missing() -> Missing {
 }
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn step(n: usize, name: &str) {
-    eprintln!("[setup {n}/5] {name}");
+    eprintln!("[setup {n}/6] {name}");
 }
 
 fn apt_install(m: &Missing) -> anyhow::Result<()> {
@@ -261,20 +267,44 @@ pub fn setup() -> anyhow::Result<()> {
         install_bpf_linker()?;
     }
 
-    step(4, "bpffs at /sys/fs/bpf");
+    step(
+        4,
+        "cargo-fuzz (the fuzz targets and their smoke in `cargo xtask test`)",
+    );
+    let have =
+        output(Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "--version"]));
+    if have.contains(CARGO_FUZZ_VERSION) {
+        eprintln!("  {}", have.trim());
+    } else {
+        run(
+            "setup step 4 (cargo install cargo-fuzz): it needs crates.io",
+            Command::new("rustup").args([
+                "run",
+                "nightly",
+                "cargo",
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+            ]),
+        )?;
+    }
+
+    step(5, "bpffs at /sys/fs/bpf");
     if ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
         eprintln!("  mounted");
     } else {
         run(
-            "setup step 4: mount bpffs by hand with `mount -t bpf bpf /sys/fs/bpf`",
+            "setup step 5: mount bpffs by hand with `mount -t bpf bpf /sys/fs/bpf`",
             Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
         )?;
     }
 
-    step(5, "root and kernel features");
+    step(6, "root and kernel features");
     if output(Command::new("id").arg("-u")).trim() != "0" {
         bail!(
-            "setup step 5: the kernel tests, the demo and the benchmarks need root: run as root (CI does)"
+            "setup step 6: the kernel tests, the demo and the benchmarks need root: run as root (CI does)"
         );
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
