@@ -44,9 +44,11 @@ pub fn ebpf_obj() -> Result<&'static [u8], NoEbpf> {
 }
 
 /// Fault injection for the kill tests, read once from the environment:
-/// `FIREWALL_CTL_FAILPOINTS="stage-to-flip-delay-ms=200"`. Only that name
-/// exists: it widens the window between stage and flip so a SIGKILL can be
-/// made to land inside it. Unset (production), it costs one `OnceLock` read.
+/// `FIREWALL_CTL_FAILPOINTS="stage-to-flip-delay-ms=200"`. Two names exist:
+/// `stage-to-flip-delay-ms` widens the window between stage and flip so a
+/// SIGKILL can be made to land inside it; `file-source-hang-ms` makes every
+/// read of the discovery file hang, as on a dead network filesystem. Unset
+/// (production), it costs one `OnceLock` read.
 pub fn failpoint(name: &str) -> Option<u64> {
     static POINTS: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
     POINTS

@@ -405,23 +405,81 @@ pub struct Etcd {
     child: Option<Child>,
 }
 
+/// Certificates for an etcd served over TLS with client-certificate auth,
+/// made with openssl in `dir`: a CA, the server's (with the server's IP as
+/// its subject alternative name) and a client's (CN `client`, not a user).
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTls {
+    pub fn make(dir: &std::path::Path, server_ip: std::net::IpAddr) -> EtcdTls {
+        let d = dir.display();
+        crate::sh_ok(&format!(
+            "cd {d} && printf 'subjectAltName=IP:{server_ip}\n' > server.ext && \
+             openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+               -subj /CN=fw-test-ca -keyout ca.key -out ca.pem 2>/dev/null && \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=etcd \
+               -keyout server.key -out server.csr 2>/dev/null && \
+             openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+               -extfile server.ext -out server.pem 2>/dev/null && \
+             printf 'extendedKeyUsage=clientAuth\n' > client.ext && \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=client \
+               -keyout client.key -out client.csr 2>/dev/null && \
+             openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+               -extfile client.ext -out client.pem 2>/dev/null && chmod 600 client.key"
+        ));
+        EtcdTls {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
+}
+
 impl Etcd {
     pub fn start(ns: &Ns, ip: std::net::IpAddr, dir: &std::path::Path) -> Etcd {
+        Etcd::start_with(ns, ip, dir, None)
+    }
+    /// With `tls`, clients must speak TLS and present a certificate the CA signed.
+    pub fn start_with(
+        ns: &Ns,
+        ip: std::net::IpAddr,
+        dir: &std::path::Path,
+        tls: Option<&EtcdTls>,
+    ) -> Etcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(dir.join("etcd.log"))
             .unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path().display()))
             .args(["etcd", "--name", "e1", "--data-dir"])
             .arg(dir.join("etcd-data"))
             .args([
                 "--listen-client-urls",
-                &format!("http://{ip}:2379"),
+                &format!("{scheme}://{ip}:2379"),
                 "--advertise-client-urls",
-                &format!("http://{ip}:2379"),
-            ])
+                &format!("{scheme}://{ip}:2379"),
+            ]);
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args([
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",

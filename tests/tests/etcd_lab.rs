@@ -1,10 +1,12 @@
 //! The controller with etcd discovery against a real single-node etcd: etcd
 //! stopped deletes nothing; keys deleted in bulk are held until approved.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, os::unix::fs::PermissionsExt as _, time::Duration};
 
 use firewall_tests::{
-    Daemon, Ns, Pair, PinDir, TempDir, fwctl, fwctl_ok, kernel_available, lab::Etcd, wait_for,
+    Daemon, Ns, Pair, PinDir, TempDir, fwctl, fwctl_ok, kernel_available,
+    lab::{Etcd, EtcdTls},
+    wait_for,
 };
 
 fn etcdctl(ns: &Ns, ip: IpAddr, args: &str) -> bool {
@@ -162,4 +164,112 @@ fn etcd_bulk_deletion_is_held_until_approved() {
         d.log()
     );
     assert!(d.audit().iter().any(|e| e["event"] == "approved"));
+}
+
+/// etcdctl against the TLS etcd, as `root` once auth is on.
+fn etcdctl_tls(ns: &Ns, ip: IpAddr, t: &EtcdTls, user: Option<&str>, args: &str) -> bool {
+    ns.sh(&format!(
+        "ETCDCTL_API=3 etcdctl --endpoints https://{ip}:2379 --cacert {} --cert {} --key {} {} {args}",
+        t.ca.display(),
+        t.client_cert.display(),
+        t.client_key.display(),
+        user.map_or(String::new(), |u| format!("--user {u}"))
+    ))
+    .status
+    .success()
+}
+
+#[test]
+fn etcd_over_tls_with_a_client_certificate_and_a_password() {
+    if !kernel_available("etcd_over_tls_with_a_client_certificate_and_a_password") {
+        return;
+    }
+    let p = Pair::new(57);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let server = p.b4(9);
+    let tls = EtcdTls::make(&dir.0, server);
+    let _etcd = Etcd::start_with(&p.b, server, &dir.0, Some(&tls));
+    assert!(
+        wait_for(Duration::from_secs(20), || etcdctl_tls(
+            &p.b,
+            server,
+            &tls,
+            None,
+            "endpoint health"
+        )),
+        "etcd over TLS did not start"
+    );
+    for args in [
+        "user add root --new-user-password=rootpw",
+        "user add fwctl --new-user-password=s3cret",
+        "role add fwread",
+        "role grant-permission fwread read /firewall/peers/ --prefix=true",
+        "user grant-role fwctl fwread",
+        "auth enable",
+    ] {
+        assert!(
+            etcdctl_tls(&p.b, server, &tls, None, args),
+            "etcdctl {args}"
+        );
+    }
+    let peer = p.b4(2);
+    assert!(etcdctl_tls(
+        &p.b,
+        server,
+        &tls,
+        Some("root:rootpw"),
+        &format!("put /firewall/peers/p0 '{{\"addr\": \"{peer}\"}}'")
+    ));
+
+    let write_config = |password: &str, mode: u32| {
+        let cfg = firewall_tests::lab::etcd_config(&dir.0, &pins, &p.a_if, server, "");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("endpoints = [\"http://{server}:2379\"]"),
+            &format!(
+                "endpoints = [\"https://{server}:2379\"]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nuser = \"fwctl\"\npassword = \"{password}\"",
+                tls.ca.display(),
+                tls.client_cert.display(),
+                tls.client_key.display()
+            ),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(mode)).unwrap();
+        cfg
+    };
+
+    // A password in a config others can read is refused, as ssh refuses a key.
+    let cfg = write_config("s3cret", 0o644);
+    let mut d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(20)).and_then(|s| s.code()),
+        Some(2),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("chmod 600"), "{}", d.log());
+
+    // A wrong password: a failed source, nothing allowed from it.
+    let cfg = write_config("wrong", 0o600);
+    let d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
+    assert!(
+        wait_for(Duration::from_secs(30), || d
+            .log()
+            .contains("authentication failed")),
+        "{}",
+        d.log()
+    );
+    assert!(allowed(&p, &pins).is_empty());
+    drop(d);
+
+    // TLS, the client certificate and the right password: the peer commits.
+    let cfg = write_config("s3cret", 0o600);
+    let d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
+    assert!(
+        wait_for(Duration::from_secs(30), || allowed(&p, &pins)
+            == vec![format!("{peer}/32")]),
+        "{}",
+        d.log()
+    );
+    assert!(p.b.ping(peer, p.a4()));
 }

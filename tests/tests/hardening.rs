@@ -457,3 +457,47 @@ fn a_million_peer_file_commits_within_the_memory_goal_and_sigterm_answers_during
         "controller peak RSS {peak_mib} MiB, goal 200 MB"
     );
 }
+
+#[test]
+fn a_source_that_never_answers_is_stalled_and_freezes_deletions() {
+    if !kernel_available("a_source_that_never_answers_is_stalled_and_freezes_deletions") {
+        return;
+    }
+    let p = Pair::new(70);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let src = dir.0.join("peers.json");
+    write_peers(&src, 1, &[p.b4(2)]);
+    let state = dir.0.join("state");
+    let cfg = config(&dir.0, &pins.path, &p.a_if, &state, &src);
+    // Every read of the file hangs, as on a dead NFS server: the source
+    // produces nothing at all, neither data nor a failure.
+    let mut d = Daemon::start_env(
+        &p.a,
+        &cfg,
+        &state,
+        &[("FIREWALL_CTL_FAILPOINTS", "file-source-hang-ms=600000")],
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || d
+            .audit()
+            .iter()
+            .any(|e| e["event"] == "source_stalled")),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("source stalled"), "{}", d.log());
+    let st = d.status().expect("status.json");
+    assert!(
+        st["core"]["alarms"].to_string().contains("source stalled"),
+        "{st}"
+    );
+    // SIGTERM is answered although a read is still hanging on its thread.
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(20))
+            .is_some_and(|s| s.success()),
+        "{}",
+        d.log()
+    );
+}

@@ -90,6 +90,11 @@ pub const PACKAGES: &[Package] = &[
         why: "protobuf's well-known .proto files, imported by etcd's (only recommended by protobuf-compiler)",
     },
     Package {
+        name: "openssl",
+        uses: &["/usr/bin/openssl"],
+        why: "certificates for the etcd TLS test",
+    },
+    Package {
         name: "g++",
         uses: &["/usr/bin/g++"],
         why: "libFuzzer, which cargo-fuzz compiles for the fuzz targets",
@@ -451,7 +456,12 @@ mod tests {
                 };
                 if whole_command {
                     for seg in lit.split(['|', ';', '&', '(', '`']) {
-                        add(seg.split_whitespace().next().unwrap_or(""));
+                        // The command word: past line continuations (`\`)
+                        // and environment assignments (`ETCDCTL_API=3 etcdctl`).
+                        let word = seg
+                            .split_whitespace()
+                            .find(|w| *w != "\\\\" && *w != "\\" && !w.contains('='));
+                        add(word.unwrap_or(""));
                     }
                 } else {
                     add(&lit);
@@ -494,12 +504,26 @@ mod tests {
         let src = r#"
             Command::new("serf").arg("x");
             sh_ok(&format!("ip netns add {name} && ping -c1 x | grep y"));
+            ns.sh(&format!("ETCDCTL_API=3 etcdctl get && \\
+               openssl req"));
             ns.sh("xdp-filter load");
             buf.push("not-a-program");
             cmd.args(["etcd", "--name"]);
         "#;
         let got: Vec<String> = programs_in(src).into_iter().collect();
-        assert_eq!(got, ["etcd", "grep", "ip", "ping", "serf", "xdp-filter"]);
+        assert_eq!(
+            got,
+            [
+                "etcd",
+                "etcdctl",
+                "grep",
+                "ip",
+                "openssl",
+                "ping",
+                "serf",
+                "xdp-filter"
+            ]
+        );
     }
 
     #[test]

@@ -168,6 +168,9 @@ impl Config {
         };
         let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         c.guards.validate().map_err(invalid)?;
+        if let SourceConfig::Etcd(e) = &c.discovery {
+            e.validate().map_err(invalid)?;
+        }
         if c.tick_ms == 0 || c.tick_ms > 60_000 {
             return Err(invalid("tick_ms must be 1..=60000".into()));
         }
@@ -194,9 +197,31 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     path: path.into(),
                     message: format!(
-                        "it holds a secret (discovery.auth_key) but is readable by group or others (mode {:o}): run `chmod 600 {}`",
+                        "it holds a secret (discovery.auth_key or password) but is readable by group or others (mode {:o}): run `chmod 600 {}`",
                         mode & 0o777,
                         path.display()
+                    ),
+                });
+            }
+        }
+        if let SourceConfig::Etcd(e) = &c.discovery
+            && let Some(k) = &e.key_file
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let mode = std::fs::metadata(k)
+                .map_err(|e| ConfigError::Invalid {
+                    path: path.into(),
+                    message: format!("discovery.key_file {}: {e}", k.display()),
+                })?
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.into(),
+                    message: format!(
+                        "discovery.key_file {} is readable by group or others (mode {:o}): run `chmod 600 {}`",
+                        k.display(),
+                        mode & 0o777,
+                        k.display()
                     ),
                 });
             }
@@ -206,10 +231,14 @@ impl Config {
         Ok(c)
     }
 
-    /// Whether the file carries a credential, and so must be private like an
-    /// ssh key.
+    /// Whether the file carries a credential (a Serf auth key, an etcd
+    /// password), and so must be private like an ssh key.
     pub fn has_secret(&self) -> bool {
-        matches!(&self.discovery, SourceConfig::Serf(s) if s.auth_key.is_some())
+        match &self.discovery {
+            SourceConfig::Serf(s) => s.auth_key.is_some(),
+            SourceConfig::Etcd(e) => e.password.is_some(),
+            SourceConfig::File { .. } => false,
+        }
     }
 }
 

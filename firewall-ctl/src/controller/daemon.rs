@@ -92,14 +92,22 @@ fn spawn_file_source(
     tokio::spawn(async move {
         loop {
             let p = path.clone();
-            let d =
-                match tokio::task::spawn_blocking(move || file_source::read(&p, max_bytes)).await {
-                    Ok(d) => d,
-                    Err(e) => Discovery::Failed {
-                        reason: format!("reading {} panicked: {e}", path.display()),
-                        meta: Default::default(),
-                    },
-                };
+            let d = match tokio::task::spawn_blocking(move || {
+                // Test-only: a read that never returns (a hung network
+                // filesystem), to show the stall deadline catching it.
+                if let Some(ms) = crate::failpoint("file-source-hang-ms") {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+                file_source::read(&p, max_bytes)
+            })
+            .await
+            {
+                Ok(d) => d,
+                Err(e) => Discovery::Failed {
+                    reason: format!("reading {} panicked: {e}", path.display()),
+                    meta: Default::default(),
+                },
+            };
             if tx.send(d).await.is_err() {
                 return;
             }

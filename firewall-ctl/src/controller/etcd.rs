@@ -6,9 +6,15 @@
 //! connection, a failed list or a broken watch is a failed result; the source
 //! reconnects with backoff and lists again.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -27,6 +33,78 @@ pub struct EtcdConfig {
     /// Re-list this often even when the watch is quiet (a backstop).
     #[serde(default = "default_resync")]
     pub resync_ms: u64,
+    /// PEM bundle of the CA that signs the etcd servers' certificates.
+    /// Required for `https://` endpoints (no system roots are trusted).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and its key, for etcd's `--client-cert-auth`.
+    /// The key file must not be readable by group or others.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// etcd user and password (`etcdctl auth enable`). A config holding a
+    /// password must not be readable by group or others.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl EtcdConfig {
+    /// Settings that only make sense together, checked at load.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("discovery.endpoints is empty: list at least one etcd endpoint".into());
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("discovery.cert_file and discovery.key_file go together".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err("discovery.user and discovery.password go together".into());
+        }
+        let https = self.endpoints.iter().any(|e| e.starts_with("https://"));
+        if https && self.ca_file.is_none() {
+            return Err(
+                "https endpoints need discovery.ca_file (the CA that signs the etcd servers' certificates)"
+                    .into(),
+            );
+        }
+        if !https && (self.ca_file.is_some() || self.cert_file.is_some()) {
+            return Err(
+                "discovery.ca_file or cert_file is set but no endpoint is https://: write the endpoints as https://HOST:2379"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A certificate or key file: PEM, a few KiB.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+fn pem(path: &Path) -> Result<Vec<u8>, String> {
+    crate::fsafe::read_bounded(path, MAX_PEM_BYTES).map_err(|e| e.to_string())
+}
+
+/// The connection options: timeouts, TLS and credentials. Files are read at
+/// every (re)connect, so a rotated certificate is picked up by the next one.
+fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, String> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    if let Some(ca) = &cfg.ca_file {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(pem(ca)?));
+        if let (Some(c), Some(k)) = (&cfg.cert_file, &cfg.key_file) {
+            tls = tls.identity(Identity::from_pem(pem(c)?, pem(k)?));
+        }
+        opts = opts.with_tls(tls);
+    }
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        opts = opts.with_user(u.clone(), p.clone());
+    }
+    Ok(opts)
 }
 
 fn default_prefix() -> String {
@@ -111,10 +189,10 @@ pub fn spawn(cfg: EtcdConfig, max_members: usize) -> mpsc::Receiver<Discovery> {
 }
 
 async fn session(cfg: &EtcdConfig, max_members: usize, tx: &mpsc::Sender<Discovery>) -> String {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    let opts = match connect_options(cfg) {
+        Ok(o) => o,
+        Err(e) => return format!("TLS or credential files: {e}"),
+    };
     let mut client = match Client::connect(cfg.endpoints.clone(), Some(opts)).await {
         Ok(c) => c,
         Err(e) => return format!("connect failed: {e}"),
