@@ -573,6 +573,41 @@ fn bench_controller() -> anyhow::Result<()> {
         remove_all(&mut store, &mut cur)?;
     }
     println!("worst full-sync ratio: {worst_full:.2}x (goal <= 3x)");
+
+    // The daemon's whole path for a 1M-peer discovery file, phase by phase,
+    // through the same functions `firewall-ctl run` calls: bounded read and
+    // typed parse, the core's validation and plan, then the commit.
+    {
+        use firewall_ctl::controller::{config::Guards, core, file_source};
+        let tmp = firewall_tests::TempDir::new();
+        let file = tmp.0.join("peers.json");
+        let body: Vec<String> = (0..1_000_000u32)
+            .map(|i| format!("{{\"addr\":\"{}\"}}", v6_peer(i).addr()))
+            .collect();
+        std::fs::write(&file, format!("{{\"revision\":1,\"peers\":[{}]}}", body.join(",")))?;
+        drop(body);
+        let size = std::fs::metadata(&file)?.len();
+        let (mut cur, _) = Committed::adopt(&mut store)?;
+        let t = Instant::now();
+        let d = file_source::read(&file, size + 1);
+        let t_read = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let mut c = core::Core::new(Guards::default(), cur.set.clone(), cur.generation, None, 1);
+        c.handle_discovery(2, d);
+        let Some(core::Action::Commit(plan)) = c.poll_action() else {
+            bail!("the core planned no commit for a 1M-peer file");
+        };
+        let t_core = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        commit(&mut store, &mut cur, plan.changes)?;
+        let t_commit = t.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "\n1M-peer discovery file ({:.1} MB) to committed: {:.0} ms = read+parse {t_read:.0} ms + core {t_core:.0} ms + commit {t_commit:.0} ms",
+            size as f64 / 1e6,
+            t_read + t_core + t_commit
+        );
+        remove_all(&mut store, &mut cur)?;
+    }
     let dir = pins.path.clone();
     let fdir = floor_pins.path.clone();
     ns.run(move || {
