@@ -156,6 +156,12 @@ fn broad_prefixes_need_intent_and_mapped_addresses_are_ipv4() {
     let list = fwctl_ok(&p.a, &pins, "peers list --json");
     assert!(list.contains(&format!("\"{peer}/32\"")), "{list}");
     assert!(p.b.ping(peer, p.a4()));
+
+    // Attaching to loopback is allowed, with a warning that says why not.
+    let o = fwctl(&p.a, &pins, "attach --iface lo");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("attaching to `lo`"), "{}", text(&o));
+    fwctl_ok(&p.a, &pins, "detach --iface lo");
 }
 
 #[test]
