@@ -6,7 +6,7 @@
 //! replayed by every later run, `cargo xtask test`'s smoke included. The
 //! corpus the fuzzer grows lives in `target/fuzz-corpus/T`, out of the tree.
 
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
@@ -127,22 +127,23 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The seeds and regressions directories exist for every target (the test
-/// below keeps the list and the fuzz crate in step).
-pub fn manifest_targets(manifest: &Path) -> Vec<String> {
-    std::fs::read_to_string(manifest)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("name = \""))
-        .filter_map(|l| l.strip_suffix('"'))
-        .filter(|n| *n != "firewall-fuzz")
-        .map(str::to_string)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+
+    /// The `[[bin]]` names of the fuzz crate.
+    fn manifest_targets(manifest: &Path) -> Vec<String> {
+        std::fs::read_to_string(manifest)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("name = \""))
+            .filter_map(|l| l.strip_suffix('"'))
+            .filter(|n| *n != "firewall-fuzz")
+            .map(str::to_string)
+            .collect()
+    }
 
     #[test]
     fn every_fuzz_target_is_run_by_xtask() {

@@ -584,7 +584,10 @@ fn bench_controller() -> anyhow::Result<()> {
         let body: Vec<String> = (0..1_000_000u32)
             .map(|i| format!("{{\"addr\":\"{}\"}}", v6_peer(i).addr()))
             .collect();
-        std::fs::write(&file, format!("{{\"revision\":1,\"peers\":[{}]}}", body.join(",")))?;
+        std::fs::write(
+            &file,
+            format!("{{\"revision\":1,\"peers\":[{}]}}", body.join(",")),
+        )?;
         drop(body);
         let size = std::fs::metadata(&file)?.len();
         let (mut cur, _) = Committed::adopt(&mut store)?;
