@@ -11,17 +11,16 @@ compile_error!(
 );
 
 pub mod attach;
+
+// The pure core and its types, re-exported where they always were.
+pub use firewall_controller::{commit, peers, store};
 pub mod batch;
-pub mod commit;
 pub mod controller;
 pub mod fsafe;
 pub mod kernel;
 pub mod lock;
 pub mod packet;
-pub mod peers;
-pub mod sim;
 pub mod status;
-pub mod store;
 pub mod sys;
 pub mod table;
 

@@ -132,15 +132,7 @@ pub struct Slot {
 }
 
 /// No empty slot within `MAX_PROBE` buckets of the address's home.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "no free slot for {addr} within {probe} buckets of its home bucket in `{map}`; nothing was committed. Re-attach with a larger `--max-peers` (after `detach --purge`)"
-)]
-pub struct NoSlot {
-    pub map: &'static str,
-    pub addr: String,
-    pub probe: u32,
-}
+pub use firewall_controller::store::NoSlot;
 
 /// One mmapped table.
 pub struct Table<F: Family> {

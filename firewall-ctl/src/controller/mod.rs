@@ -1,10 +1,11 @@
-//! The controller: a pure, deterministic state machine (`core`), and the thin
-//! adapters around it (config, persisted state, discovery sources, daemon).
+//! The controller's adapters around the pure core (`firewall-controller`,
+//! re-exported here as `core` and `discovery`): the config file, persisted
+//! state, the discovery sources and the daemon loop.
+
+pub use firewall_controller::{core, discovery};
 
 pub mod config;
-pub mod core;
 pub mod daemon;
-pub mod discovery;
 pub mod etcd;
 pub mod file_source;
 pub mod serf;

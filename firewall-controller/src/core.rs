@@ -26,11 +26,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    config::Guards,
-    discovery::{Discovery, Member, MemberStatus, SourceMeta},
-};
 use crate::peers::{Changes, DISCOVERY, Origin, PeerSet};
+use crate::{
+    discovery::{Discovery, Member, MemberStatus, SourceMeta},
+    guards::Guards,
+};
 
 /// Why deletions are frozen right now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

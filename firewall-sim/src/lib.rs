@@ -30,13 +30,11 @@ use ipnet::IpNet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{
+use firewall_controller::{
     commit::{Committed, commit},
-    controller::{
-        config::Guards,
-        core::{Action, CommitResult, Core, Persisted},
-        discovery::{Discovery, Member, MemberStatus, SourceMeta},
-    },
+    core::{Action, CommitResult, Core, Persisted},
+    discovery::{Discovery, Member, MemberStatus, SourceMeta},
+    guards::Guards,
     peers::{DISCOVERY, PeerSet},
     store::{FaultPoint, MemStore},
 };

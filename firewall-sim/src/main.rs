@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     };
     let (mut evictions, mut crashes, mut faults, mut results, mut commits) = (0, 0, 0, 0, 0);
     for seed in first..first + count {
-        match firewall_ctl::sim::run(seed) {
+        match firewall_sim::run(seed) {
             Ok(r) => {
                 evictions += r.evictions;
                 crashes += r.crashes;

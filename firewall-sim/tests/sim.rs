@@ -10,7 +10,7 @@ fn thousand_seeds_hold_every_invariant() {
     let mut crashes = 0;
     let mut evictions = 0;
     for seed in 0..n {
-        match firewall_ctl::sim::run(seed) {
+        match firewall_sim::run(seed) {
             Ok(r) => {
                 crashes += r.crashes;
                 evictions += r.evictions;
