@@ -692,7 +692,11 @@ fn replay(naive: bool) -> anyhow::Result<Replay> {
             events.push((mesh.now_ms(), "n2's agent sees n3 and n4 again".to_string()));
             break;
         }
-        if t.elapsed() > Duration::from_secs(100) {
+        // Only the others' push/pull can tell n2's new agent about them:
+        // every 30 s each of n3 and n4 picks one random alive member, so an
+        // interval misses n2 with probability 1/4. 100 s (three intervals)
+        // failed about one run in 64; 240 s fails about one in 65,000.
+        if t.elapsed() > Duration::from_secs(240) {
             let log = std::fs::read_to_string(lab.node(2).dir.join("serf.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(25).collect();
             let n3 = lab.serf_members(3);
