@@ -42,6 +42,14 @@ pub fn kernel_available(test: &str) -> bool {
         }
         Some(w) => {
             eprintln!("SKIPPED {test}: {w}");
+            // libtest counts a test that returns early as passed. `cargo xtask
+            // test` sets FIREWALL_SKIPPED_DIR and moves every test named there
+            // from "passed" to "skipped", so a run that could not reach the
+            // kernel never reads as a green one.
+            if let Some(dir) = std::env::var_os("FIREWALL_SKIPPED_DIR") {
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::write(Path::new(&dir).join(test), w.as_bytes());
+            }
             false
         }
     }
