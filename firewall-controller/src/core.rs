@@ -317,17 +317,14 @@ impl Core {
     fn validate(&self, d: Discovery) -> Discovery {
         let meta = d.meta().clone();
         if d.members().len() > self.g.max_members {
-            return Discovery::Failed {
-                reason: format!(
-                    "{} members exceed guards.max_members = {}",
-                    d.members().len(),
-                    self.g.max_members
-                ),
+            return Discovery::TooLarge {
+                members: d.members().len() as u64,
+                limit: self.g.max_members as u64,
                 meta,
             };
         }
         let (members, complete, reason) = match d {
-            Discovery::Failed { .. } => return d,
+            Discovery::Failed { .. } | Discovery::TooLarge { .. } => return d,
             Discovery::Complete { members, .. } => (members, true, String::new()),
             Discovery::Partial {
                 members, reason, ..
@@ -418,9 +415,9 @@ impl Core {
             .map(|m| m.net)
             .collect();
         self.freeze = match d {
-            Discovery::Failed { reason, .. } if reason.contains("guards.max_members") => {
-                Some(Freeze::Invalid { reason })
-            }
+            Discovery::TooLarge { members, limit, .. } => Some(Freeze::Invalid {
+                reason: format!("{members} members exceed guards.max_members = {limit}"),
+            }),
             Discovery::Failed { reason, .. } => Some(Freeze::Failed { reason }),
             Discovery::Partial { reason, .. } => Some(Freeze::Partial { reason }),
             Discovery::Complete { .. } if empty => Some(Freeze::Empty),
@@ -829,6 +826,38 @@ mod tests {
         let added: Vec<IpNet> = plans[0].changes.add.iter().map(|(n, _)| *n).collect();
         assert_eq!(added, vec![net("198.18.0.7/32"), net("198.18.4.0/24")]);
         assert!(c.status().last_result.unwrap().starts_with("partial"));
+    }
+
+    #[test]
+    fn too_many_members_is_an_invalid_result_by_type_not_by_message() {
+        let g = Guards {
+            max_members: 3,
+            ..g()
+        };
+        let mut c = Core::new(g, PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        assert!(
+            drain(&mut c, 0).is_empty(),
+            "a rejected result adds nothing"
+        );
+        assert!(
+            matches!(c.freeze, Some(Freeze::Invalid { .. })),
+            "{:?}",
+            c.freeze
+        );
+        // A source's failure that merely mentions the setting is a failure.
+        c.handle_discovery(
+            1,
+            Discovery::Failed {
+                reason: "guards.max_members".into(),
+                meta: SourceMeta::default(),
+            },
+        );
+        assert!(
+            matches!(c.freeze, Some(Freeze::Failed { .. })),
+            "{:?}",
+            c.freeze
+        );
     }
 
     #[test]

@@ -60,6 +60,14 @@ pub enum Discovery {
     },
     /// No data. Never treated as empty.
     Failed { reason: String, meta: SourceMeta },
+    /// More members than `guards.max_members`: rejected whole, as a failure,
+    /// but typed, so the core can tell it from a source that is down
+    /// (it freezes deletions as an invalid result, not a failed source).
+    TooLarge {
+        members: u64,
+        limit: u64,
+        meta: SourceMeta,
+    },
 }
 
 impl Discovery {
@@ -67,13 +75,14 @@ impl Discovery {
         match self {
             Discovery::Complete { meta, .. }
             | Discovery::Partial { meta, .. }
-            | Discovery::Failed { meta, .. } => meta,
+            | Discovery::Failed { meta, .. }
+            | Discovery::TooLarge { meta, .. } => meta,
         }
     }
     pub fn members(&self) -> &[Member] {
         match self {
             Discovery::Complete { members, .. } | Discovery::Partial { members, .. } => members,
-            Discovery::Failed { .. } => &[],
+            Discovery::Failed { .. } | Discovery::TooLarge { .. } => &[],
         }
     }
     /// The members this result positively reports as present.
@@ -88,7 +97,7 @@ impl Discovery {
         match self {
             Discovery::Complete { .. } => "complete",
             Discovery::Partial { .. } => "partial",
-            Discovery::Failed { .. } => "failed",
+            Discovery::Failed { .. } | Discovery::TooLarge { .. } => "failed",
         }
     }
 }

@@ -142,8 +142,9 @@ fn snapshot(
         health_reason: None,
     };
     if kvs.len() > max_members {
-        return Discovery::Failed {
-            reason: format!("{} keys exceed guards.max_members", kvs.len()),
+        return Discovery::TooLarge {
+            members: kvs.len() as u64,
+            limit: max_members as u64,
             meta,
         };
     }

@@ -352,8 +352,9 @@ pub fn to_discovery(
     naive: bool,
 ) -> Discovery {
     if members.len() > max_members {
-        return Discovery::Failed {
-            reason: format!("{} members exceed guards.max_members", members.len()),
+        return Discovery::TooLarge {
+            members: members.len() as u64,
+            limit: max_members as u64,
             meta: SourceMeta::default(),
         };
     }
@@ -646,7 +647,11 @@ mod tests {
         assert_eq!(mapped, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)));
         assert!(matches!(
             to_discovery(vec![m("a", [1, 1, 1, 1], "alive"); 11], "x", 10, false),
-            Discovery::Failed { .. }
+            Discovery::TooLarge {
+                members: 11,
+                limit: 10,
+                ..
+            }
         ));
     }
 }
