@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use firewall_ctl::{
     attach::{self, AttachError, Mode},
     commit::{Committed, commit},
-    controller::{config::Config, daemon},
+    controller::{
+        config::Config,
+        contract::{ControllerStatus, Plan},
+        daemon,
+    },
     fsafe::UnsafePath,
     kernel::{KernelStore, LayoutError},
     lock::{CommitLock, LockError},
@@ -289,13 +293,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { json, state_dir } => {
             sys::check_privileges()?;
             let st = status::status(&pin_dir)?;
-            let ctl: Option<serde_json::Value> = firewall_ctl::controller::state::read_json(
+            let ctl: Option<ControllerStatus> = firewall_ctl::controller::state::read_json(
                 &state_dir.join(firewall_ctl::controller::state::STATUS_FILE),
             )
             .unwrap_or(None);
             if json {
                 let mut v = serde_json::to_value(&st)?;
-                v["controller"] = ctl.unwrap_or(serde_json::Value::Null);
+                v["controller"] = serde_json::to_value(&ctl)?;
                 return print_json(&v);
             }
             print_status(&st);
@@ -319,32 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 return print_json(&plan);
             }
-            println!(
-                "generation {} committed; source: {} with {} members",
-                plan["generation"], plan["source"]["kind"], plan["source"]["members"]
-            );
-            if let Some(f) = plan["freeze"].as_str() {
-                println!("deletions frozen: {f}");
-            }
-            for (what, key) in [
-                ("would add", "would_add"),
-                ("would evict", "would_evict"),
-                ("held", "held"),
-                ("absent, not yet due", "absent_not_yet_due"),
-            ] {
-                let items = plan[key].as_array().cloned().unwrap_or_default();
-                println!(
-                    "{what}: {}",
-                    if items.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        String::new()
-                    }
-                );
-                for i in items {
-                    println!("  {i}");
-                }
-            }
+            print_plan(&plan);
         }
         Cmd::Approve {
             state_dir,
@@ -424,61 +403,92 @@ fn print_status(st: &status::Status) {
     }
 }
 
-fn print_controller(ctl: Option<&serde_json::Value>) {
+fn print_plan(plan: &Plan) {
+    println!(
+        "generation {} committed; source: {} with {} members",
+        plan.generation, plan.source.kind, plan.source.members
+    );
+    if let Some(f) = &plan.freeze {
+        println!("deletions frozen: {f}");
+    }
+    let list = |what: &str, items: Vec<String>| {
+        println!("{what}: {}", if items.is_empty() { "nothing" } else { "" });
+        for i in items {
+            println!("  {i}");
+        }
+    };
+    list(
+        "would add",
+        plan.would_add.iter().map(|n| n.to_string()).collect(),
+    );
+    list(
+        "would evict",
+        plan.would_evict
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} (absent since {} ms{})",
+                    e.peer,
+                    e.absent_since_ms,
+                    if e.graceful { ", left gracefully" } else { "" }
+                )
+            })
+            .collect(),
+    );
+    list("held", plan.held.iter().map(|n| n.to_string()).collect());
+    list(
+        "absent, not yet due",
+        plan.absent_not_yet_due
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} since {} ms, evict at {} ms",
+                    a.peer, a.since_ms, a.evict_at_ms
+                )
+            })
+            .collect(),
+    );
+}
+
+fn print_controller(ctl: Option<&ControllerStatus>) {
     let Some(v) = ctl else {
         println!(
             "\ncontroller: no status file (is `firewall-ctl run` running with this --state-dir?)"
         );
         return;
     };
-    let c = &v["core"];
+    let c = &v.core;
     println!(
         "\ncontroller pid {} ({}), synced {}, last result: {}",
-        v["pid"],
-        if v["running"].as_bool() == Some(true) {
-            "running"
-        } else {
-            "stopped"
-        },
-        c["synced"],
-        c["last_result"].as_str().unwrap_or("none")
+        v.pid,
+        if v.running { "running" } else { "stopped" },
+        c.synced,
+        c.last_result.as_deref().unwrap_or("none")
     );
-    for a in c["alarms"].as_array().into_iter().flatten() {
-        println!("  ALARM {}", a.as_str().unwrap_or(""));
+    for a in &c.alarms {
+        println!("  ALARM {a}");
     }
-    for a in c["absent"].as_array().into_iter().flatten() {
+    for a in &c.absent {
         println!(
             "  absent {} since {} ms, evict at {} ms{}",
-            a["peer"].as_str().unwrap_or("?"),
-            a["since_ms"],
-            a["evict_at_ms"],
-            if a["graceful"].as_bool() == Some(true) {
-                " (left gracefully)"
-            } else {
-                ""
-            }
+            a.peer,
+            a.since_ms,
+            a.evict_at_ms,
+            if a.graceful { " (left gracefully)" } else { "" }
         );
     }
-    for h in c["held"].as_array().into_iter().flatten() {
-        println!(
-            "  held   {} (run `firewall-ctl approve` to review)",
-            h.as_str().unwrap_or("?")
-        );
+    for h in &c.held {
+        println!("  held   {h} (run `firewall-ctl approve` to review)");
     }
 }
 
 fn approve(state_dir: &std::path::Path, yes: bool, peers: &[String]) -> anyhow::Result<()> {
     use firewall_ctl::controller::state;
-    let st: serde_json::Value = state::read_json(&state_dir.join(state::STATUS_FILE))?
+    let st: ControllerStatus = state::read_json(&state_dir.join(state::STATUS_FILE))?
         .with_context(|| format!("no controller status in {}: is `firewall-ctl run` running with this state directory?", state_dir.display()))?;
-    let held: Vec<String> = st["core"]["held"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(String::from))
-        .collect();
-    if let Some(f) = st["core"]["freeze"].as_object() {
-        println!("guard: {}", serde_json::Value::Object(f.clone()));
+    let held = st.core.held;
+    if let Some(f) = &st.core.freeze {
+        println!("guard: {}", f.describe());
     }
     if held.is_empty() && peers.is_empty() {
         println!("no deletions are held");

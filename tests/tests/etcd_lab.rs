@@ -135,6 +135,23 @@ fn etcd_bulk_deletion_is_held_until_approved() {
         peers.len(),
         "held deletions stay allowed"
     );
+    // `plan` shows the same, through the typed contract the CLI reads.
+    let cfg = dir.0.join("firewall.toml");
+    let plan: firewall_ctl::controller::contract::Plan = serde_json::from_str(&fwctl_ok(
+        &p.a,
+        &pins,
+        &format!("plan --config {} --json", cfg.display()),
+    ))
+    .expect("plan --json is a Plan");
+    assert_eq!(plan.source.kind, "complete");
+    assert_eq!(plan.source.members, 2);
+    assert!(plan.would_evict.is_empty(), "{plan:?}");
+    assert!(plan.freeze.is_some(), "{plan:?}");
+    let text = fwctl_ok(&p.a, &pins, &format!("plan --config {}", cfg.display()));
+    assert!(
+        text.contains("deletions frozen") && text.contains("source: complete with 2 members"),
+        "{text}"
+    );
     // The operator looks, then lets them through.
     let show = fwctl_ok(
         &p.a,

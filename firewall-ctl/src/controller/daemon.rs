@@ -14,11 +14,11 @@ use std::{
 
 use anyhow::Context as _;
 use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{
     config::{Config, SourceConfig},
+    contract::{AuditEvent, AuditLine, ControllerStatus, Eviction, Plan, PlanSource},
     core::{Action, CommitResult, Core, CoreStatus},
     discovery::Discovery,
     file_source, state,
@@ -248,8 +248,12 @@ const REPUBLISH_MS: u64 = 5_000;
 const AUDIT_LIST_MAX: usize = 1_000;
 
 impl Daemon {
-    fn audit(&self, v: serde_json::Value) {
-        if let Err(e) = state::audit(&self.cfg.state_dir, &v) {
+    fn audit(&self, event: AuditEvent) {
+        let line = AuditLine {
+            ts_ms: now_ms(),
+            event,
+        };
+        if let Err(e) = state::audit(&self.cfg.state_dir, &line) {
             tracing::error!("audit log: {e:#}");
         }
     }
@@ -278,8 +282,12 @@ impl Daemon {
         {
             return;
         }
-        let v =
-            json!({"pid": std::process::id(), "running": running, "updated_ms": now, "core": s});
+        let v = ControllerStatus {
+            pid: std::process::id(),
+            running,
+            updated_ms: now,
+            core: s.clone(),
+        };
         let _ = state::replace(
             &self.cfg.state_dir.join(state::STATUS_FILE),
             &serde_json::to_vec_pretty(&v).unwrap_or_default(),
@@ -294,7 +302,12 @@ impl Daemon {
     fn readopt(&mut self, why: &str) -> anyhow::Result<()> {
         let _lock = CommitLock::acquire(&self.cfg.pin_dir)?;
         let (c, cleaned) = Committed::adopt(&mut self.store)?;
-        self.audit(json!({"ts_ms": now_ms(), "event": "resync", "why": why, "generation": c.generation, "peers": c.set.len(), "cleaned": cleaned}));
+        self.audit(AuditEvent::Resync {
+            why: why.to_string(),
+            generation: c.generation,
+            peers: c.set.len() as u64,
+            cleaned,
+        });
         self.core.resync(c.set.clone(), c.generation);
         self.committed = c;
         Ok(())
@@ -323,19 +336,23 @@ impl Daemon {
                         // Evictions are listed whole (the budget keeps them few);
                         // additions beyond AUDIT_LIST_MAX are counted, not listed,
                         // so a first sync of 1M peers is one short line, not 30 MB.
-                        let evicted: Vec<_> = evictions
-                            .iter()
-                            .map(|(n, a)| json!({"peer": n, "absent_since_ms": a.since_ms, "graceful": a.graceful}))
-                            .collect();
+                        let evicted = to_evictions(&evictions);
                         let st = self.core.status();
-                        let listed = &rep.added[..rep.added.len().min(AUDIT_LIST_MAX)];
-                        self.audit(json!({"ts_ms": now, "event": "commit", "generation": generation,
-                            "added_count": rep.added.len(), "added": listed,
-                            "evicted": evicted, "held": st.held, "freeze": st.freeze, "gc_error": rep.gc_error}));
+                        let listed = rep.added[..rep.added.len().min(AUDIT_LIST_MAX)].to_vec();
+                        let n_evicted = evicted.len();
+                        self.audit(AuditEvent::Commit {
+                            generation,
+                            added_count: rep.added.len() as u64,
+                            added: listed,
+                            evicted,
+                            held: st.held,
+                            freeze: st.freeze,
+                            gc_error: rep.gc_error.clone(),
+                        });
                         tracing::info!(
                             generation,
                             added = rep.added.len(),
-                            evicted = evicted.len(),
+                            evicted = n_evicted,
                             "committed"
                         );
                     }
@@ -345,9 +362,9 @@ impl Daemon {
                 }
                 Err(e) => {
                     tracing::warn!("commit failed: {e:#}");
-                    self.audit(
-                        json!({"ts_ms": now, "event": "commit_failed", "error": e.to_string()}),
-                    );
+                    self.audit(AuditEvent::CommitFailed {
+                        error: e.to_string(),
+                    });
                     self.core.handle_commit_result(
                         now,
                         CommitResult::Failed {
@@ -369,9 +386,9 @@ impl Daemon {
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 tracing::error!("approval refused: {e}");
-                self.audit(
-                    json!({"ts_ms": now_ms(), "event": "approval_refused", "error": e.to_string()}),
-                );
+                self.audit(AuditEvent::ApprovalRefused {
+                    error: e.to_string(),
+                });
                 return Ok(());
             }
         };
@@ -384,17 +401,27 @@ impl Daemon {
                     "approval refused: {} is not an approval ({e}); nothing approved",
                     path.display()
                 );
-                self.audit(
-                    json!({"ts_ms": now_ms(), "event": "approval_refused", "error": e.to_string()}),
-                );
+                self.audit(AuditEvent::ApprovalRefused {
+                    error: e.to_string(),
+                });
                 return Ok(());
             }
         };
         let approved = self.core.approve(now_ms(), req.peers.as_deref());
-        self.audit(json!({"ts_ms": now_ms(), "event": "approved", "peers": approved}));
         tracing::warn!(count = approved.len(), "operator approved held deletions");
+        self.audit(AuditEvent::Approved { peers: approved });
         Ok(())
     }
+}
+
+fn to_evictions(e: &[(ipnet::IpNet, super::core::Absence)]) -> Vec<Eviction> {
+    e.iter()
+        .map(|(n, a)| Eviction {
+            peer: *n,
+            absent_since_ms: a.since_ms,
+            graceful: a.graceful,
+        })
+        .collect()
 }
 
 /// How long a source may go without producing any result before it counts
@@ -462,8 +489,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         published: (Vec::new(), 0),
         cfg,
     };
-    d.audit(json!({"ts_ms": now, "event": "started", "pid": std::process::id(), "generation": d.committed.generation,
-        "peers": d.committed.set.len(), "cleaned_half_staged": cleaned}));
+    d.audit(AuditEvent::Started {
+        pid: std::process::id(),
+        generation: d.committed.generation,
+        peers: d.committed.set.len() as u64,
+        cleaned_half_staged: cleaned,
+    });
     tracing::info!(
         generation = d.committed.generation,
         peers = d.committed.set.len(),
@@ -520,7 +551,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     stalled = true;
                     let reason = format!("source stalled: no result for {} ms (limit {stall_ms} ms)", now - last_result_ms);
                     source_failing.observe(now, "discovery failed", Some(&reason));
-                    d.audit(json!({"ts_ms": now, "event": "source_stalled", "no_result_ms": now - last_result_ms}));
+                    d.audit(AuditEvent::SourceStalled { no_result_ms: now - last_result_ms });
                     d.core.handle_discovery(now, Discovery::Failed { reason, meta: Default::default() });
                 }
                 d.core.handle_tick(now);
@@ -535,7 +566,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     d.persist()?;
     d.publish(false);
-    d.audit(json!({"ts_ms": now_ms(), "event": "stopped", "generation": d.committed.generation}));
+    d.audit(AuditEvent::Stopped {
+        generation: d.committed.generation,
+    });
     tracing::info!(
         "stopped; the datapath keeps enforcing generation {}",
         d.committed.generation
@@ -545,7 +578,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// `firewall-ctl plan`: what the controller would do with the source's data
 /// right now, without changing anything.
-pub fn plan(cfg: &Config) -> anyhow::Result<serde_json::Value> {
+pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
     let mut store = KernelStore::open(&cfg.pin_dir)?;
     let loaded = crate::store::PeerStore::load(&mut store)?;
     let persisted = state::load(&cfg.state_dir)?;
@@ -603,14 +636,21 @@ pub fn plan(cfg: &Config) -> anyhow::Result<serde_json::Value> {
         ),
         None => (vec![], vec![]),
     };
-    Ok(json!({
-        "generation": loaded.generation,
-        "source": {"kind": kind, "members": members},
-        "would_add": adds,
-        "would_evict": evictions.iter().map(|(n, a)| json!({"peer": n, "absent_since_ms": a.since_ms, "graceful": a.graceful})).collect::<Vec<_>>(),
-        "held": st.held,
-        "freeze": st.freeze.as_ref().map(|f| f.describe()),
-        "absent_not_yet_due": st.absent.iter().filter(|a| a.evict_at_ms > now).collect::<Vec<_>>(),
-        "budget_limited": st.budget_limited,
-    }))
+    Ok(Plan {
+        generation: loaded.generation,
+        source: PlanSource {
+            kind: kind.to_string(),
+            members: members as u64,
+        },
+        would_add: adds,
+        would_evict: to_evictions(&evictions),
+        held: st.held,
+        freeze: st.freeze.as_ref().map(|f| f.describe()),
+        absent_not_yet_due: st
+            .absent
+            .into_iter()
+            .filter(|a| a.evict_at_ms > now)
+            .collect(),
+        budget_limited: st.budget_limited,
+    })
 }

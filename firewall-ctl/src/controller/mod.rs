@@ -5,6 +5,7 @@
 pub use firewall_controller::{core, discovery};
 
 pub mod config;
+pub mod contract;
 pub mod daemon;
 pub mod etcd;
 pub mod file_source;

@@ -107,14 +107,14 @@ pub fn save(state_dir: &Path, p: &Persisted) -> Result<(), StateError> {
 }
 
 /// Append one line to the audit log (fsync'd: it is the record of evictions).
-pub fn audit(state_dir: &Path, line: &serde_json::Value) -> Result<(), StateError> {
+pub fn audit(state_dir: &Path, line: &super::contract::AuditLine) -> Result<(), StateError> {
     let path = state_dir.join(AUDIT_FILE);
     let err = |source| StateError::Write {
         path: path.clone(),
         source,
     };
     let mut f = fsafe::open_append(&path).map_err(err)?;
-    let mut s = line.to_string();
+    let mut s = serde_json::to_string(line).expect("audit lines serialise");
     s.push('\n');
     f.write_all(s.as_bytes()).map_err(err)?;
     f.sync_data().map_err(err)
