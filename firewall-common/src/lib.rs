@@ -369,13 +369,23 @@ pub fn prefix_contains(net: &[u8], len: u8, addr: &[u8]) -> bool {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: each type below is #[repr(C)], made of integers and arrays of
+    // integers with its padding spelled out as fields (the layout asserts
+    // below check the sizes): every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Bucket4 {}
+    // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::Bucket6 {}
+    // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::PeerVal {}
+    // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::CidrVal {}
+    // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::Control {}
+    // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::LpmKeyV4 {}
+    // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::LpmKeyV6 {}
 }
 

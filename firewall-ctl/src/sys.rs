@@ -72,8 +72,9 @@ pub fn check_bpffs(dir: &Path) -> Result<(), SysError> {
     }
     let c = CString::new(p.as_os_str().as_encoded_bytes())
         .map_err(|_| SysError::NoBpffs(dir.into()))?;
-    // SAFETY: statfs writes into a zeroed struct we own.
+    // SAFETY: statfs is plain integers, for which all-zero is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct we own for the kernel to fill.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != BPF_FS_MAGIC {
         return Err(SysError::NoBpffs(dir.into()));
     }

@@ -82,12 +82,16 @@ impl Family for V4 {
         hash4(u32::from_ne_bytes(*a), seed)
     }
     unsafe fn addr(b: *mut Bucket4, i: usize) -> *mut [u8; 4] {
+        // SAFETY: the caller passes a live bucket and i < SLOTS; this only
+        // computes a field address, no reference is made.
         unsafe { std::ptr::addr_of_mut!((*b).addr[i]) }
     }
     unsafe fn spill(b: *mut Bucket4) -> *mut u32 {
+        // SAFETY: as in addr().
         unsafe { std::ptr::addr_of_mut!((*b).spill) }
     }
     unsafe fn peer(b: *mut Bucket4, i: usize) -> *mut PeerVal {
+        // SAFETY: as in addr().
         unsafe { std::ptr::addr_of_mut!((*b).peer[i]) }
     }
     unsafe fn store_addr(p: *mut [u8; 4], a: [u8; 4]) {
@@ -104,12 +108,16 @@ impl Family for V6 {
         hash6(words6(a), seed)
     }
     unsafe fn addr(b: *mut Bucket6, i: usize) -> *mut [u8; 16] {
+        // SAFETY: the caller passes a live bucket and i < SLOTS; this only
+        // computes a field address, no reference is made.
         unsafe { std::ptr::addr_of_mut!((*b).addr[i]) }
     }
     unsafe fn spill(b: *mut Bucket6) -> *mut u32 {
+        // SAFETY: as in addr().
         unsafe { std::ptr::addr_of_mut!((*b).spill) }
     }
     unsafe fn peer(b: *mut Bucket6, i: usize) -> *mut PeerVal {
+        // SAFETY: as in addr().
         unsafe { std::ptr::addr_of_mut!((*b).peer[i]) }
     }
     unsafe fn store_addr(p: *mut [u8; 16], a: [u8; 16]) {
@@ -229,14 +237,16 @@ impl<F: Family> Table<F> {
         unsafe { AtomicU64::from_ptr(field(F::peer(self.bucket(s.bucket), s.index))) }
     }
 
-    // SAFETY of the projections below: `p` points to a live PeerVal.
     fn removed_word(&self, s: Slot) -> &AtomicU64 {
+        // SAFETY: `word` passes a pointer to a live PeerVal; a field address only.
         self.word(s, |p| unsafe { std::ptr::addr_of_mut!((*p).removed_gen) })
     }
     fn added_word(&self, s: Slot) -> &AtomicU64 {
+        // SAFETY: as in removed_word().
         self.word(s, |p| unsafe { std::ptr::addr_of_mut!((*p).added_gen) })
     }
     fn hits_word(&self, s: Slot) -> &AtomicU64 {
+        // SAFETY: as in removed_word().
         self.word(s, |p| unsafe { std::ptr::addr_of_mut!((*p).hits) })
     }
     fn origin_word(&self, s: Slot) -> &AtomicU32 {

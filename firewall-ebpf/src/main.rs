@@ -82,6 +82,7 @@ pub fn firewall(ctx: XdpContext) -> u32 {
     if let Some(c) = COUNTERS.get_ptr_mut(0) {
         // `Counters` is six u64s in `Reason` order, so the reason is the index:
         // one add instead of a branch per reason. Per-CPU slot: no atomics.
+        // SAFETY: `c` is this CPU's Counters value; `reason as usize` < 6 = its u64 count.
         unsafe { *(c as *mut u64).add(reason as usize) += 1 };
     }
     if reason as u32 <= Reason::Neighbour as u32 {
@@ -109,6 +110,7 @@ pub fn lookup_floor(ctx: XdpContext) -> u32 {
     let Some(p) = ptr_at::<[u8; 4]>(&ctx, EthHdr::LEN + 12) else {
         return xdp_action::XDP_DROP;
     };
+    // SAFETY: `p` came from ptr_at, which checked it lies within the packet.
     if HASH_FLOOR.get_ptr(unsafe { &*p }).is_some() {
         xdp_action::XDP_PASS
     } else {
@@ -121,6 +123,7 @@ pub fn lookup_floor(ctx: XdpContext) -> u32 {
 /// sits on the malformed path, which is cold.
 #[inline(always)]
 fn anchor_overlay_table() {
+    // SAFETY: a read of a static's field; volatile only so the table is kept.
     unsafe { core::ptr::read_volatile(&OVERLAY_TABLE.count) };
 }
 
@@ -143,6 +146,7 @@ fn classify(ctx: &XdpContext) -> Reason {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Reason::Malformed;
     };
+    // SAFETY: `eth` came from ptr_at, bounds-checked against the packet end.
     let mut ethertype = u16::from_be(unsafe { (*eth).ether_type });
     let mut off = EthHdr::LEN;
     // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner), unrolled.
@@ -150,12 +154,14 @@ fn classify(ctx: &XdpContext) -> Reason {
         let Some(t) = ptr_at::<[u8; 4]>(ctx, off) else {
             return Reason::Malformed;
         };
+        // SAFETY: `t` came from ptr_at, bounds-checked against the packet end.
         ethertype = be16(unsafe { [(*t)[2], (*t)[3]] });
         off += 4;
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
             let Some(t) = ptr_at::<[u8; 4]>(ctx, off) else {
                 return Reason::Malformed;
             };
+            // SAFETY: `t` came from ptr_at, bounds-checked against the packet end.
             ethertype = be16(unsafe { [(*t)[2], (*t)[3]] });
             off += 4;
             if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -202,8 +208,11 @@ fn peer_v4(ctrl: &Control, generation: u64, word: u32) -> bool {
         let Some(bucket) = PEERS_V4.get_ptr_mut(b & mask) else {
             return false;
         };
+        // SAFETY: a pointer into the array map's value for this index, valid for
+        // the program run; concurrent userspace writes are single aligned words.
         let bucket = unsafe { &mut *bucket };
         for i in 0..SLOTS {
+            // SAFETY: addr[i] is 4 bytes at a 4-aligned offset of the bucket.
             let k = unsafe { core::ptr::read(bucket.addr[i].as_ptr() as *const u32) };
             if k == word && bucket.peer[i].visible_at(generation) {
                 bucket.peer[i].hits += 1;
@@ -231,13 +240,14 @@ fn peer_v6(ctrl: &Control, generation: u64, hi: u64, lo: u64) -> bool {
         let Some(bucket) = PEERS_V6.get_ptr_mut(b & mask) else {
             return false;
         };
+        // SAFETY: a pointer into the array map's value for this index, valid for
+        // the program run; concurrent userspace writes are single aligned words.
         let bucket = unsafe { &mut *bucket };
         for i in 0..SLOTS {
             let k = bucket.addr[i].as_ptr() as *const u64;
-            if unsafe { core::ptr::read(k) } == hi
-                && unsafe { core::ptr::read(k.add(1)) } == lo
-                && bucket.peer[i].visible_at(generation)
-            {
+            // SAFETY: addr[i] is 16 bytes at an 8-aligned offset: two aligned words.
+            let (k_hi, k_lo) = unsafe { (core::ptr::read(k), core::ptr::read(k.add(1))) };
+            if k_hi == hi && k_lo == lo && bucket.peer[i].visible_at(generation) {
                 bucket.peer[i].hits += 1;
                 return true;
             }
@@ -255,6 +265,7 @@ fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
         return Reason::Malformed;
     };
+    // SAFETY: `ip` came from ptr_at, bounds-checked against the packet end.
     let ip = unsafe { &*ip };
     let vihl = ip.vihl;
     let ihl = ((vihl & 0xf) as usize) * 4;
@@ -268,6 +279,7 @@ fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
     let proto = ip.proto;
     // One 4-byte load instead of four byte loads: packet memory has no alignment
     // requirement for the verifier, and `read_unaligned` keeps Rust honest.
+    // SAFETY: src_addr is 4 bytes inside the bounds-checked IPv4 header.
     let src_raw =
         unsafe { core::ptr::read_unaligned(core::ptr::addr_of!(ip.src_addr) as *const u32) };
     let src_bytes = src_raw.to_ne_bytes();
@@ -311,6 +323,7 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
         return Reason::Malformed;
     };
+    // SAFETY: `ip` came from ptr_at, bounds-checked against the packet end.
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
         return Reason::Malformed;
@@ -327,6 +340,7 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
                 let Some(h) = ptr_at::<[u8; 8]>(ctx, l4) else {
                     return Reason::Malformed;
                 };
+                // SAFETY: `h` came from ptr_at, bounds-checked against the packet end.
                 let h = unsafe { *h };
                 later_fragment |= be16([h[2], h[3]]) >> 3 != 0;
                 fragmented = true;
@@ -337,6 +351,7 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
                 let Some(h) = ptr_at::<[u8; 2]>(ctx, l4) else {
                     return Reason::Malformed;
                 };
+                // SAFETY: `h` came from ptr_at, bounds-checked against the packet end.
                 let h = unsafe { *h };
                 let len = if next == 51 {
                     (h[1] as usize + 2) * 4
@@ -373,10 +388,13 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
     // cannot have crossed a router) and unfragmented (RFC 6980); otherwise
     // any host anywhere could send those types through.
     let neighbour = match icmp {
+        // SAFETY: `p` came from ptr_at: 4 bytes of ICMPv6 header within the packet.
         Some(p) => (133..=137).contains(&unsafe { (*p)[0] }) && ip.hop_limit == 255 && !fragmented,
         None => false,
     };
+    // SAFETY: src_ptr is the 16-byte source address inside the checked header.
     let hi_ne = unsafe { core::ptr::read_unaligned(src_ptr) };
+    // SAFETY: the second half of the same 16-byte address.
     let lo_ne = unsafe { core::ptr::read_unaligned(src_ptr.add(1)) };
     if overlay_v6(u64::from_be(hi_ne), u64::from_be(lo_ne), next, ports) {
         return Reason::Overlay;

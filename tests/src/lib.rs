@@ -86,6 +86,22 @@ pub fn sh_ok(cmd: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Run `f` on a new thread inside the network namespace at `ns` (a path under
+/// /run/netns). The one place the tests and the lab enter a namespace: setns
+/// changes only the calling thread, so a fresh thread is the whole scope.
+pub fn spawn_in<T: Send + 'static>(
+    ns: PathBuf,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let file = File::open(&ns).expect("open netns");
+        // SAFETY: setns on a descriptor we own; it affects this new thread only.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {}", ns.display());
+        f()
+    })
+}
+
 /// A network namespace, deleted on Drop (which also deletes its veths).
 pub struct Ns {
     pub name: String,
@@ -125,19 +141,9 @@ impl Ns {
     }
     /// Run `f` on a thread that has entered this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("open netns");
-            // SAFETY: setns on this fresh thread only.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
+        spawn_in(self.path(), f)
+            .join()
+            .expect("namespace thread panicked")
     }
     pub fn ping(&self, src: IpAddr, dst: IpAddr) -> bool {
         self.sh(&format!("ping -q -c1 -W1 -I {src} {dst}"))
@@ -334,6 +340,7 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     match a {
         SocketAddr::V4(v) => {
+            // SAFETY: sockaddr_storage is larger and more aligned than sockaddr_in.
             let s = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
             s.sin_family = libc::AF_INET as u16;
             s.sin_port = v.port().to_be();
@@ -341,6 +348,7 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
             (ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
         }
         SocketAddr::V6(v) => {
+            // SAFETY: sockaddr_storage is larger and more aligned than sockaddr_in6.
             let s = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
             s.sin6_family = libc::AF_INET6 as u16;
             s.sin6_port = v.port().to_be();
@@ -586,6 +594,7 @@ pub fn raw_frames_passed(p: &Pair, frames: Vec<(u16, Vec<u8>)>) -> usize {
                 std::io::Error::last_os_error()
             );
         }
+        // SAFETY: closing the socket we opened above, once.
         unsafe { libc::close(tx) };
     });
     let mut seen = std::collections::BTreeSet::new();
@@ -787,13 +796,7 @@ impl Traffic {
         let s3 = stop.clone();
         let srcs = sources.to_vec();
         let path = from.path();
-        let sender = std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap();
-            // SAFETY: setns on this thread only.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+        let sender = spawn_in(path, move || {
             let socks: Vec<UdpSocket> = srcs
                 .iter()
                 .map(|s| UdpSocket::bind(SocketAddr::new(*s, 0)).unwrap())

@@ -192,13 +192,7 @@ fn atomic_replace_keeps_peers_and_loses_no_packets() {
     let done = Arc::new(AtomicBool::new(false));
     let d2 = done.clone();
     let bpath = p.b.path();
-    let sender = std::thread::spawn(move || {
-        let ns = std::fs::File::open(bpath).unwrap();
-        use std::os::fd::AsRawFd;
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+    let sender = firewall_tests::spawn_in(bpath, move || {
         let tx = UdpSocket::bind(SocketAddr::new(src, 0)).unwrap();
         let mut sent = 0u32;
         while !d2.load(Ordering::Relaxed) || sent < 500 {

@@ -82,6 +82,29 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         "cargo fmt --check (run `cargo fmt --all`)",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
+    run(
+        "clippy (warnings are errors; see [workspace.lints] in Cargo.toml)",
+        cargo().args([
+            "clippy",
+            "--release",
+            "--all-targets",
+            "-p",
+            "firewall-common",
+            "-p",
+            "firewall-controller",
+            "-p",
+            "firewall-sim",
+            "-p",
+            "firewall-ctl",
+            "-p",
+            "firewall-tests",
+            "-p",
+            "xtask",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     build_release()?;
     // Kernel tests that cannot run here name themselves in this directory
     // (see firewall_tests::kernel_available); they are counted as skipped.

@@ -930,22 +930,6 @@ fn timeline_svg(runs: &[Replay]) -> String {
     s
 }
 
-/// Run `f` on a thread inside the network namespace at `ns`.
-fn in_ns<T: Send + 'static>(
-    ns: PathBuf,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&ns).unwrap();
-        // SAFETY: setns on this fresh thread only.
-        assert_eq!(
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) },
-            0
-        );
-        f()
-    })
-}
-
 /// Probe from `src` (namespace `from`) to every destination every 5 ms while
 /// `start()` runs, and return (the instant `since_rx` reports, the instant
 /// the last destination first received a probe at or after it).
@@ -972,7 +956,7 @@ fn time_until_passing(
     let mut threads = Vec::new();
     for (i, (ns, ip)) in dsts.iter().cloned().enumerate() {
         let (stop, arr_tx) = (stop.clone(), arr_tx.clone());
-        threads.push(in_ns(ns, move || {
+        threads.push(firewall_tests::spawn_in(ns, move || {
             let sock = UdpSocket::bind(SocketAddr::new(ip, PORT)).unwrap();
             sock.set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
@@ -989,7 +973,7 @@ fn time_until_passing(
     std::thread::sleep(Duration::from_millis(100)); // receivers bound
     let targets: Vec<std::net::IpAddr> = dsts.iter().map(|d| d.1).collect();
     let stop2 = stop.clone();
-    threads.push(in_ns(from, move || {
+    threads.push(firewall_tests::spawn_in(from, move || {
         let s = UdpSocket::bind(SocketAddr::new(src, 0)).unwrap();
         while !stop2.load(Ordering::Relaxed) {
             for t in &targets {
@@ -1057,13 +1041,7 @@ fn bench_allow() -> anyhow::Result<()> {
         let (since_tx, since_rx) = std::sync::mpsc::channel();
         let n1 = lab.node(1).ns.path();
         // Watch n1's agent over RPC (in-process, inside n1's namespace) for n4 alive.
-        let watcher = std::thread::spawn(move || {
-            let f = std::fs::File::open(&n1).unwrap();
-            // SAFETY: setns on this thread only.
-            assert_eq!(
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
-                0
-            );
+        let watcher = firewall_tests::spawn_in(n1, move || {
             let mut c = firewall_ctl::controller::serf::Conn::connect(
                 "127.0.0.1:7373",
                 None,
