@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     else {
         return;
     };
-    let d = serf::to_discovery(reply.members, "n1", 1_000, false);
+    let d = serf::to_discovery(reply.members, "n1", 1_000);
     let mut core = Core::new(Guards::default(), Default::default(), 0, None, 0);
     core.handle_discovery(1, d);
     while core.poll_action().is_some() {}

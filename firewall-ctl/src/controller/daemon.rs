@@ -511,10 +511,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
             (rx, Some(w))
         }
-        SourceConfig::Serf(sc) => (
-            super::serf::spawn(sc, d.cfg.guards.max_members, d.cfg.guards.naive),
-            None,
-        ),
+        SourceConfig::Serf(sc) => (super::serf::spawn(sc, d.cfg.guards.max_members), None),
         SourceConfig::Etcd(ec) => (super::etcd::spawn(ec, d.cfg.guards.max_members), None),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -601,12 +598,7 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
                 Some(Duration::from_secs(5)),
             )?;
             let me = c.self_name()?;
-            super::serf::to_discovery(
-                c.members_filtered(&sc.tags)?,
-                &me,
-                cfg.guards.max_members,
-                cfg.guards.naive,
-            )
+            super::serf::to_discovery(c.members_filtered(&sc.tags)?, &me, cfg.guards.max_members)
         }
         SourceConfig::Etcd(ec) => {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -344,13 +344,11 @@ fn default_poll() -> u64 {
     200
 }
 
-/// Turn a member list into a discovery result, applying the health rule.
-pub fn to_discovery(
-    members: Vec<SerfMember>,
-    self_name: &str,
-    max_members: usize,
-    naive: bool,
-) -> Discovery {
+/// Turn a member list into a discovery result, applying the health rule: an
+/// agent that sees no other alive member says so in the result (unhealthy),
+/// and the core decides what that means: deletions freeze, or, in the naive
+/// comparison mode only, the list is taken at face value.
+pub fn to_discovery(members: Vec<SerfMember>, self_name: &str, max_members: usize) -> Discovery {
     if members.len() > max_members {
         return Discovery::TooLarge {
             members: members.len() as u64,
@@ -362,20 +360,6 @@ pub fn to_discovery(
         .iter()
         .filter(|m| m.name != self_name && m.status == "alive")
         .count();
-    // The naive comparison mode takes a self-only view at face value, as the
-    // post-mortem's orchestrator did.
-    if others_alive == 0 && !naive {
-        return Discovery::Failed {
-            reason: format!(
-                "the Serf agent `{self_name}` sees no other alive member (restarted with its seeds down, or partitioned)"
-            ),
-            meta: SourceMeta {
-                healthy: false,
-                health_reason: Some("agent sees only itself".into()),
-                revision: None,
-            },
-        };
-    }
     let mut out = Vec::with_capacity(members.len());
     let mut bad = 0;
     for m in members {
@@ -387,10 +371,20 @@ pub fn to_discovery(
             None => bad += 1,
         }
     }
-    let meta = SourceMeta {
-        revision: None,
-        healthy: true,
-        health_reason: None,
+    let meta = if others_alive == 0 {
+        SourceMeta {
+            revision: None,
+            healthy: false,
+            health_reason: Some(format!(
+                "the Serf agent `{self_name}` sees no other alive member (restarted with its seeds down, or partitioned)"
+            )),
+        }
+    } else {
+        SourceMeta {
+            revision: None,
+            healthy: true,
+            health_reason: None,
+        }
     };
     if bad > 0 {
         return Discovery::Partial {
@@ -405,14 +399,14 @@ pub fn to_discovery(
 /// Run the source on its own threads (blocking sockets: see Conn::connect),
 /// handing results to the daemon. Reconnects with exponential backoff; every
 /// failure is sent as a failed result.
-pub fn spawn(cfg: SerfConfig, max_members: usize, naive: bool) -> mpsc::Receiver<Discovery> {
+pub fn spawn(cfg: SerfConfig, max_members: usize) -> mpsc::Receiver<Discovery> {
     let (tx, rx) = mpsc::channel::<Discovery>(1);
     std::thread::Builder::new()
         .name("serf-source".into())
         .spawn(move || {
             let mut backoff_ms = 100u64;
             loop {
-                let err = match session(&cfg, max_members, naive, &tx) {
+                let err = match session(&cfg, max_members, &tx) {
                     Ok(()) => return, // the daemon went away
                     Err(e) => e,
                 };
@@ -436,7 +430,6 @@ pub fn spawn(cfg: SerfConfig, max_members: usize, naive: bool) -> mpsc::Receiver
 fn session(
     cfg: &SerfConfig,
     max_members: usize,
-    naive: bool,
     tx: &mpsc::Sender<Discovery>,
 ) -> Result<(), SerfError> {
     let mut conn = Conn::connect(
@@ -476,7 +469,7 @@ fn session(
         .expect("spawn stream thread");
     loop {
         let members = conn.members_filtered(&cfg.tags)?;
-        let d = to_discovery(members, &me, max_members, naive);
+        let d = to_discovery(members, &me, max_members);
         match tx.try_send(d) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
             Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
@@ -609,22 +602,25 @@ mod tests {
 
     #[test]
     fn health_and_mapping() {
-        assert!(matches!(
-            to_discovery(vec![m("n1", [198, 18, 0, 11], "alive")], "n1", 10, false),
-            Discovery::Failed { .. }
-        ));
-        assert!(matches!(
-            to_discovery(
-                vec![
-                    m("n1", [198, 18, 0, 11], "alive"),
-                    m("n2", [198, 18, 0, 12], "failed")
-                ],
-                "n1",
-                10,
-                false
-            ),
-            Discovery::Failed { .. }
-        ));
+        // An agent that sees no other alive member reports itself unhealthy:
+        // the core freezes deletions on that (or, naive, takes it as is).
+        let unhealthy = |d: &Discovery| {
+            matches!(d, Discovery::Complete { meta, .. } if !meta.healthy
+                && meta.health_reason.as_deref().is_some_and(|r| r.contains("sees no other alive member")))
+        };
+        assert!(unhealthy(&to_discovery(
+            vec![m("n1", [198, 18, 0, 11], "alive")],
+            "n1",
+            10
+        )));
+        assert!(unhealthy(&to_discovery(
+            vec![
+                m("n1", [198, 18, 0, 11], "alive"),
+                m("n2", [198, 18, 0, 12], "failed")
+            ],
+            "n1",
+            10
+        )));
         let d = to_discovery(
             vec![
                 m("n1", [198, 18, 0, 11], "alive"),
@@ -633,11 +629,11 @@ mod tests {
             ],
             "n1",
             10,
-            false,
         );
-        let Discovery::Complete { members, .. } = d else {
+        let Discovery::Complete { members, meta } = d else {
             panic!()
         };
+        assert!(meta.healthy);
         assert_eq!(members.len(), 3);
         assert_eq!(
             members[2].status,
@@ -646,7 +642,7 @@ mod tests {
         let mapped = member_ip(&Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()).unwrap();
         assert_eq!(mapped, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)));
         assert!(matches!(
-            to_discovery(vec![m("a", [1, 1, 1, 1], "alive"); 11], "x", 10, false),
+            to_discovery(vec![m("a", [1, 1, 1, 1], "alive"); 11], "x", 10),
             Discovery::TooLarge {
                 members: 11,
                 limit: 10,
