@@ -33,21 +33,8 @@ struct BatchAttr {
 }
 
 fn sys_bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: attr is a valid, initialised bpf_attr prefix for the batch commands,
-    // and the key/value pointers it carries point to live buffers of `count` items.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // The caller's key/value pointers point to live buffers of `count` items.
+    crate::sys::sys_bpf(cmd, attr).map(|_| ())
 }
 
 /// Chunk size for batch calls: large enough that syscall overhead vanishes,

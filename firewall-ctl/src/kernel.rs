@@ -5,7 +5,6 @@
 use std::{
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
-    ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -203,30 +202,32 @@ pub fn check_pin(dir: &Path, path: &Path, name: &str) -> Result<Option<MapData>,
 
 /// The mmapped `CTRL` value.
 struct CtrlMap {
-    ptr: NonNull<Control>,
-    len: usize,
+    map: crate::sys::Mmap,
 }
 
 impl CtrlMap {
     fn new(fd: BorrowedFd<'_>, path: &Path) -> Result<Self, LayoutError> {
         // One `Control` (layout checked by the caller).
-        let (p, len) =
-            crate::table::map_shared(Some(fd), size_of::<Control>()).map_err(|source| {
-                LayoutError::Mmap {
-                    path: path.into(),
-                    source,
-                }
-            })?;
-        Ok(CtrlMap { ptr: p.cast(), len })
+        let map = crate::sys::Mmap::shared(Some(fd), size_of::<Control>()).map_err(|source| {
+            LayoutError::Mmap {
+                path: path.into(),
+                source,
+            }
+        })?;
+        Ok(CtrlMap { map })
     }
 
     fn read(&self) -> Control {
         // SAFETY: the mapping is live for self's lifetime and holds a Control.
-        unsafe { std::ptr::read_volatile(self.ptr.as_ptr()) }
+        unsafe { std::ptr::read_volatile(self.map.ptr::<Control>().as_ptr()) }
     }
     fn gen_word(&self) -> &AtomicU64 {
         // SAFETY: committed_gen is the first, 8-byte aligned field of a page-aligned mapping.
-        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.ptr.as_ptr()).committed_gen)) }
+        unsafe {
+            AtomicU64::from_ptr(std::ptr::addr_of_mut!(
+                (*self.map.ptr::<Control>().as_ptr()).committed_gen
+            ))
+        }
     }
     fn update(&self, f: impl FnOnce(&mut Control)) {
         // Only the fields other than committed_gen are written this way; the
@@ -239,7 +240,7 @@ impl CtrlMap {
         f(&mut c);
         // SAFETY: as in read(); a single writer holds the commit lock.
         unsafe {
-            let p = self.ptr.as_ptr();
+            let p = self.map.ptr::<Control>().as_ptr();
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).staged_gen), c.staged_gen);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).magic), c.magic);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).abi_version), c.abi_version);
@@ -250,13 +251,6 @@ impl CtrlMap {
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).hash_seed), c.hash_seed);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).bucket_mask), c.bucket_mask);
         }
-    }
-}
-
-impl Drop for CtrlMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 

@@ -91,7 +91,11 @@ pub fn bump_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
 }
 
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+/// The one bpf(2) entry point for the calls aya 0.14 does not wrap (link
+/// info and detach here, batch updates in `batch`). `attr` must be a
+/// correctly shaped prefix of `union bpf_attr` for `cmd`, with any pointers
+/// it carries valid for the call.
+pub(crate) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: callers pass a correctly shaped prefix of union bpf_attr.
     let r = unsafe {
         libc::syscall(
@@ -263,4 +267,61 @@ fn xdp_state_of(cmd: &mut std::process::Command) -> Option<(String, u32)> {
                 .and_then(|i| i.as_u64())
         })?;
     Some((mode.to_string(), id as u32))
+}
+
+/// An owned shared mapping: a `BPF_F_MMAPABLE` map's values, or anonymous
+/// memory laid out the same way; unmapped on drop. The one mmap in the crate
+/// (the control word and both peer tables use it).
+pub struct Mmap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain shared memory; what is written through it is the owner's
+// business (the tables write only with atomics).
+unsafe impl Send for Mmap {}
+
+impl Mmap {
+    /// Map `bytes` (rounded up to whole pages) of the map behind `fd`, shared
+    /// and writable (the kernel refuses a length beyond the map), or of
+    /// anonymous memory without `fd` (zeroed, like a new BPF array).
+    pub fn shared(fd: Option<BorrowedFd<'_>>, bytes: usize) -> io::Result<Mmap> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = bytes.max(1).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of an fd we hold; nothing aliases it yet.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                if fd.is_some() {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS
+                },
+                fd.map_or(-1, |fd| fd.as_raw_fd()),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mmap {
+            ptr: std::ptr::NonNull::new(p.cast()).expect("mmap returned NULL"),
+            len,
+        })
+    }
+
+    /// The start of the mapping, as a `T` (page-aligned, so aligned for any T).
+    pub fn ptr<T>(&self) -> std::ptr::NonNull<T> {
+        self.ptr.cast()
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what shared() mapped, once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }

@@ -37,8 +37,7 @@
 use std::{
     io,
     marker::PhantomData,
-    os::fd::{AsRawFd, BorrowedFd},
-    ptr::NonNull,
+    os::fd::BorrowedFd,
     sync::atomic::{
         AtomicU32, AtomicU64,
         Ordering::{Acquire, Release},
@@ -144,8 +143,7 @@ pub use firewall_controller::store::NoSlot;
 
 /// One mmapped table.
 pub struct Table<F: Family> {
-    base: NonNull<F::Bucket>,
-    len: usize,
+    map: crate::sys::Mmap,
     buckets: u32,
     seed: [u64; 4],
     _f: PhantomData<F>,
@@ -159,10 +157,9 @@ impl<F: Family> Table<F> {
     /// (a power of two; the caller checked the map's shape), hashed with `seed`.
     pub fn mmap(fd: BorrowedFd<'_>, buckets: u32, seed: [u64; 4]) -> io::Result<Self> {
         assert!(buckets.is_power_of_two(), "bucket count is a power of two");
-        let (p, len) = map_shared(Some(fd), buckets as usize * size_of::<F::Bucket>())?;
+        let map = crate::sys::Mmap::shared(Some(fd), buckets as usize * size_of::<F::Bucket>())?;
         Ok(Table {
-            base: p.cast(),
-            len,
+            map,
             buckets,
             seed,
             _f: PhantomData,
@@ -174,10 +171,9 @@ impl<F: Family> Table<F> {
     pub fn in_memory(buckets: u32, seed: [u64; 4]) -> io::Result<Self> {
         assert!(buckets.is_power_of_two(), "bucket count is a power of two");
         // Anonymous memory comes zeroed, like a new BPF array.
-        let (p, len) = map_shared(None, buckets as usize * size_of::<F::Bucket>())?;
+        let map = crate::sys::Mmap::shared(None, buckets as usize * size_of::<F::Bucket>())?;
         Ok(Table {
-            base: p.cast(),
-            len,
+            map,
             buckets,
             seed,
             _f: PhantomData,
@@ -211,7 +207,7 @@ impl<F: Family> Table<F> {
     fn bucket(&self, b: u32) -> *mut F::Bucket {
         debug_assert!(b < self.buckets);
         // SAFETY: b < buckets, inside the mapping.
-        unsafe { self.base.as_ptr().add(b as usize) }
+        unsafe { self.map.ptr::<F::Bucket>().as_ptr().add(b as usize) }
     }
 
     fn read_slot(&self, s: Slot) -> (F::Addr, PeerVal) {
@@ -429,41 +425,6 @@ impl<F: Family> Table<F> {
         }
         fixed
     }
-}
-
-impl<F: Family> Drop for Table<F> {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what mmap() mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
-}
-
-/// Map `bytes` (rounded up to whole pages) of a `BPF_F_MMAPABLE` map shared
-/// and writable (the kernel refuses a length beyond the map), or of anonymous
-/// memory without `fd`. Returns the mapping and its length, for munmap.
-pub fn map_shared(fd: Option<BorrowedFd<'_>>, bytes: usize) -> io::Result<(NonNull<u8>, usize)> {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    let len = bytes.max(1).div_ceil(page) * page;
-    // SAFETY: a fresh shared mapping of an fd we hold; nothing aliases it yet.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            if fd.is_some() {
-                libc::MAP_SHARED
-            } else {
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS
-            },
-            fd.map_or(-1, |fd| fd.as_raw_fd()),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((NonNull::new(p.cast()).expect("mmap returned NULL"), len))
 }
 
 /// A fresh staged value: visible from `generation` on, once flipped.
