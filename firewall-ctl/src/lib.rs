@@ -19,7 +19,6 @@ pub mod controller;
 pub mod fsafe;
 pub mod kernel;
 pub mod lock;
-pub mod packet;
 pub mod status;
 pub mod sys;
 pub mod table;

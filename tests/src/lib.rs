@@ -4,6 +4,7 @@
 //! BPF_PROG_TEST_RUN harness over a fresh, unpinned copy of the program.
 
 pub mod lab;
+pub mod packet;
 
 use std::{
     fs::File,

@@ -16,7 +16,7 @@ use firewall_common::{
     GEN_NEVER,
     classify::{PeerLookup, classify},
 };
-use firewall_ctl::packet::{Ext, Frame, L4};
+use firewall_tests::packet::{Ext, Frame, L4};
 use firewall_tests::{Harness, XDP_ABORTED, XDP_PASS, kernel_available};
 use proptest::{
     prelude::*,

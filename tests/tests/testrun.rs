@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use firewall_common::{GEN_NEVER, Reason};
-use firewall_ctl::packet::{Ext, Frame, L4, arp};
+use firewall_tests::packet::{Ext, Frame, L4, arp};
 use firewall_tests::{Harness, XDP_DROP, XDP_PASS, kernel_available};
 
 const PEER4: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 7);

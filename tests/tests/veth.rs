@@ -272,10 +272,10 @@ fn vlan_tagged_frames_on_the_wire() {
     let mut sport = 20000u16;
     let mut build = |src: IpAddr, dst: IpAddr, tags: &[(u16, u16)]| {
         sport += 1;
-        let mut f = firewall_ctl::packet::Frame::new(
+        let mut f = firewall_tests::packet::Frame::new(
             src,
             dst,
-            firewall_ctl::packet::L4::Udp { sport, dport: PORT },
+            firewall_tests::packet::L4::Udp { sport, dport: PORT },
         )
         .payload(16);
         for t in tags {

@@ -15,7 +15,7 @@ use aya::{
     programs::{TestRun as _, Xdp},
 };
 use firewall_common::{CidrVal, Control, GEN_NEVER, PeerVal};
-use firewall_ctl::packet::Frame;
+use firewall_tests::packet::Frame;
 use firewall_tests::{Ns, Pair, PinDir, fwctl_ok, kernel_available, sh, udp_delivered};
 
 fn main() {

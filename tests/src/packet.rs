@@ -1,4 +1,5 @@
-//! Crafting Ethernet frames for BPF_PROG_TEST_RUN: tests and the benchmark.
+//! Crafting Ethernet frames for BPF_PROG_TEST_RUN and raw sockets: the tests
+//! and the lab's benchmark use it; the production crate does not ship it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
