@@ -197,6 +197,41 @@ fn config(dir: &Path, pins: &Path, iface: &str, state: &Path, source: &Path) -> 
     cfg
 }
 
+/// A controller on a veth pair with a file source: the pair, its pins, a
+/// scratch directory, the discovery file, the state directory and the config.
+struct FileLab {
+    p: Pair,
+    /// Held for their Drop: the pins and the scratch directory go with the lab.
+    _pins: PinDir,
+    _dir: TempDir,
+    src: PathBuf,
+    state: PathBuf,
+    cfg: PathBuf,
+}
+
+impl FileLab {
+    /// With `peer`, the discovery file starts out listing `198.18.NET.2`.
+    fn new(net: u8, peer: bool) -> FileLab {
+        let p = Pair::new(net);
+        let pins = PinDir::new();
+        let dir = TempDir::new();
+        let src = dir.0.join("peers.json");
+        if peer {
+            write_peers(&src, 1, &[p.b4(2)]);
+        }
+        let state = dir.0.join("state");
+        let cfg = config(&dir.0, &pins.path, &p.a_if, &state, &src);
+        FileLab {
+            p,
+            _pins: pins,
+            _dir: dir,
+            src,
+            state,
+            cfg,
+        }
+    }
+}
+
 /// Wait until the daemon has committed `n` peers (a ping is no proof: it
 /// passes before anything is attached).
 #[track_caller]
@@ -252,15 +287,10 @@ fn a_state_dir_others_can_write_is_refused() {
     if !kernel_available("a_state_dir_others_can_write_is_refused") {
         return;
     }
-    let p = Pair::new(66);
-    let pins = PinDir::new();
-    let dir = TempDir::new();
-    let src = dir.0.join("peers.json");
-    write_peers(&src, 1, &[p.b4(2)]);
-    let state = dir.0.join("state");
-    let cfg = config(&dir.0, &pins.path, &p.a_if, &state, &src);
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let mut d = Daemon::start(&p.a, &cfg, &state);
+    let lab = FileLab::new(66, true);
+    let FileLab { p, state, cfg, .. } = &lab;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut d = Daemon::start(&p.a, cfg, state);
     exits_with(&mut d, 5, "writable by group or others");
     assert!(!state.join("status.json").exists());
 }
@@ -288,14 +318,11 @@ fn an_idle_daemon_sleeps_and_logs_a_broken_file_once() {
     if !kernel_available("an_idle_daemon_sleeps_and_logs_a_broken_file_once") {
         return;
     }
-    let p = Pair::new(67);
-    let pins = PinDir::new();
-    let dir = TempDir::new();
-    let src = dir.0.join("peers.json");
-    write_peers(&src, 1, &[p.b4(2)]);
-    let state = dir.0.join("state");
-    let cfg = config(&dir.0, &pins.path, &p.a_if, &state, &src);
-    let d = Daemon::start(&p.a, &cfg, &state);
+    let lab = FileLab::new(67, true);
+    let FileLab {
+        p, src, state, cfg, ..
+    } = &lab;
+    let d = Daemon::start(&p.a, cfg, state);
     committed(&d, 1);
     // Idle: the file untouched. Below 1 % of a core over 10 s is 10 ticks at
     // the kernel's 100 Hz; the old watch loop took 50-67 % (500+ ticks).
@@ -311,11 +338,11 @@ fn an_idle_daemon_sleeps_and_logs_a_broken_file_once() {
 
     // A broken file for 3 s: the condition is logged when it starts, not once
     // per retry (the old loop logged it 3,000-4,000 times a second).
-    write_raw(&src, "{\"peers\": [");
+    write_raw(src, "{\"peers\": [");
     std::thread::sleep(Duration::from_secs(3));
     let lines = d.log().matches("discovery failed").count();
     assert!((1..=3).contains(&lines), "{lines} log lines: {}", d.log());
-    write_peers(&src, 2, &[p.b4(2)]);
+    write_peers(src, 2, &[p.b4(2)]);
     assert!(
         wait_for(Duration::from_secs(10), || d
             .log()
@@ -330,16 +357,14 @@ fn a_fifo_or_a_device_at_the_discovery_path_fails_and_sigterm_still_works() {
     if !kernel_available("a_fifo_or_a_device_at_the_discovery_path_fails_and_sigterm_still_works") {
         return;
     }
-    let p = Pair::new(68);
-    let pins = PinDir::new();
-    let dir = TempDir::new();
-    let src = dir.0.join("peers.json");
-    let state = dir.0.join("state");
-    let cfg = config(&dir.0, &pins.path, &p.a_if, &state, &src);
+    let lab = FileLab::new(68, false);
+    let FileLab {
+        p, src, state, cfg, ..
+    } = &lab;
 
     // A FIFO with no writer: open() used to block the daemon for ever.
     sh_ok(&format!("mkfifo {}", src.display()));
-    let mut d = Daemon::start(&p.a, &cfg, &state);
+    let mut d = Daemon::start(&p.a, cfg, state);
     assert!(
         wait_for(Duration::from_secs(20), || d.log().contains("FIFO")),
         "{}",
@@ -355,9 +380,9 @@ fn a_fifo_or_a_device_at_the_discovery_path_fails_and_sigterm_still_works() {
 
     // A symlink to /dev/zero: max_bytes used to be checked on the metadata
     // length (0), and the daemon read 2 GB in 4 s.
-    std::fs::remove_file(&src).unwrap();
-    std::os::unix::fs::symlink("/dev/zero", &src).unwrap();
-    let mut d = Daemon::start(&p.a, &cfg, &state);
+    std::fs::remove_file(src).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", src).unwrap();
+    let mut d = Daemon::start(&p.a, cfg, state);
     assert!(
         wait_for(Duration::from_secs(20), || d
             .log()
@@ -469,19 +494,14 @@ fn a_source_that_never_answers_is_stalled_and_freezes_deletions() {
     if !kernel_available("a_source_that_never_answers_is_stalled_and_freezes_deletions") {
         return;
     }
-    let p = Pair::new(70);
-    let pins = PinDir::new();
-    let dir = TempDir::new();
-    let src = dir.0.join("peers.json");
-    write_peers(&src, 1, &[p.b4(2)]);
-    let state = dir.0.join("state");
-    let cfg = config(&dir.0, &pins.path, &p.a_if, &state, &src);
+    let lab = FileLab::new(70, true);
+    let FileLab { p, state, cfg, .. } = &lab;
     // Every read of the file hangs, as on a dead NFS server: the source
     // produces nothing at all, neither data nor a failure.
     let mut d = Daemon::start_env(
         &p.a,
-        &cfg,
-        &state,
+        cfg,
+        state,
         &[("FIREWALL_CTL_FAILPOINTS", "file-source-hang-ms=600000")],
     );
     assert!(

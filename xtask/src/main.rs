@@ -76,6 +76,17 @@ fn lab(args: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// The packages `cargo xtask test` lints and tests (the eBPF crate is built
+/// for its own target by firewall-ctl's build script; fuzz by cargo-fuzz).
+const TESTED: &[&str] = &[
+    "firewall-common",
+    "firewall-controller",
+    "firewall-sim",
+    "firewall-ctl",
+    "firewall-tests",
+    "xtask",
+];
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
     setup()?;
     run(
@@ -84,26 +95,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     )?;
     run(
         "clippy (warnings are errors; see [workspace.lints] in Cargo.toml)",
-        cargo().args([
-            "clippy",
-            "--release",
-            "--all-targets",
-            "-p",
-            "firewall-common",
-            "-p",
-            "firewall-controller",
-            "-p",
-            "firewall-sim",
-            "-p",
-            "firewall-ctl",
-            "-p",
-            "firewall-tests",
-            "-p",
-            "xtask",
-            "--",
-            "-D",
-            "warnings",
-        ]),
+        cargo()
+            .args(["clippy", "--release", "--all-targets"])
+            .args(TESTED.iter().flat_map(|p| ["-p", p]))
+            .args(["--", "-D", "warnings"]),
     )?;
     build_release()?;
     // Kernel tests that cannot run here name themselves in this directory
@@ -114,22 +109,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // Output is passed through and tallied, so the run ends on one line with
     // the totals of every test binary.
     let mut child = cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "firewall-common",
-            "-p",
-            "firewall-controller",
-            "-p",
-            "firewall-sim",
-            "-p",
-            "firewall-ctl",
-            "-p",
-            "firewall-tests",
-            "-p",
-            "xtask",
-        ])
+        .args(["test", "--release"])
+        .args(TESTED.iter().flat_map(|p| ["-p", p]))
         .args(extra)
         .args(["--", "--test-threads=1"])
         .env("FIREWALL_SKIPPED_DIR", &skipped_dir)
