@@ -1,8 +1,13 @@
 //! Loading, pinning, attaching, replacing and detaching the XDP program.
 //!
-//! Pin directory layout (default /sys/fs/bpf/firewall):
-//!   PEERS_V4 PEERS_V6 CIDR4_0 CIDR4_1 CIDR6_0 CIDR6_1 CTRL   shared by all interfaces
-//!   ifaces/<IF>/{link,prog,COUNTERS}                         one per attached interface
+//! Pin directory layout (default /sys/fs/bpf/firewall, every directory 0700):
+//!
+//! ```text
+//! PEERS_V4 PEERS_V6 CIDR4_0 CIDR4_1 CIDR6_0 CIDR6_1 CTRL   shared by all interfaces
+//! ifaces/<IF>/{link,prog,COUNTERS}                         one per attached interface
+//! controller/                                              locked by a running controller
+//! ```
+//!
 //! The link pin keeps the program attached after firewall-ctl exits.
 
 use std::path::{Path, PathBuf};

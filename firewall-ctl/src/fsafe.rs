@@ -142,7 +142,7 @@ fn check_one(path: &Path, must_be_ours: bool) -> Result<(), UnsafePath> {
 }
 
 /// Check a directory we are about to use but must not create: it and every
-/// ancestor pass [`check_one`]; the directory itself must be ours. A missing
+/// ancestor pass `check_one`; the directory itself must be ours. A missing
 /// directory is `Io` with `NotFound`, which callers map to "not attached".
 pub fn check_private_dir(path: &Path) -> Result<(), UnsafePath> {
     check_one(path, true)?;

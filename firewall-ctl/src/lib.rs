@@ -1,5 +1,19 @@
-//! firewall-ctl: loads the XDP firewall, inspects it, and commits peer
-//! generations to it through a guarded two-phase commit.
+//! firewall-ctl: loads the XDP firewall, inspects it, and runs the
+//! controller. Everything here is an adapter around the pure core in
+//! `firewall-controller` (where a deletion is decided: `firewall_controller::core`).
+//!
+//! - The datapath: [`attach`] (load, pin, attach, replace, detach), [`kernel`]
+//!   (the pinned maps' layout checks, the control word, and the kernel
+//!   `PeerStore`), [`table`] (the slot protocol over the mmapped bucket
+//!   tables), [`batch`] (batch map writes), [`status`] (what `status`, `stats`
+//!   and `peers list` print).
+//! - The system: [`sys`] (privileges, bpffs, the one bpf() wrapper, the owned
+//!   `Mmap`), [`fsafe`] (directories and files another user could squat),
+//!   [`lock`] (the commit lock and the one-controller locks).
+//! - The controller's adapters: [`controller`] (config, the daemon loop, the
+//!   file, Serf and etcd sources, persisted state, the typed contract with
+//!   the CLI).
+//! - The CLI itself is `src/main.rs`.
 
 // The slot protocol (table.rs) stores with Release and the XDP program reads
 // the generation with a plain load, which is an acquire only where every load
@@ -11,9 +25,6 @@ compile_error!(
 );
 
 pub mod attach;
-
-// The pure core and its types, re-exported where they always were.
-pub use firewall_controller::{commit, peers, store};
 pub mod batch;
 pub mod controller;
 pub mod fsafe;
@@ -22,6 +33,9 @@ pub mod lock;
 pub mod status;
 pub mod sys;
 pub mod table;
+
+// The pure core and its types, re-exported where they always were.
+pub use firewall_controller::{commit, peers, store};
 
 /// The XDP object built by build.rs. Empty when built with AYA_BUILD_SKIP=1 or
 /// without the `ebpf` feature; [`ebpf_obj`] turns that into a clear error.
