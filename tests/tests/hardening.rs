@@ -335,6 +335,23 @@ fn an_idle_daemon_sleeps_and_logs_a_broken_file_once() {
         "idle daemon used {used} ticks in 10 s: {}",
         d.log()
     );
+    // status.json is replaced (a new file) when the status changes, not
+    // on every tick: over 3 s at tick_ms = 100 that was 30 replacements; the
+    // status now changes with each poll's result (poll_ms = 500), about 6.
+    let mut inodes = std::collections::BTreeSet::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        if let Ok(m) = std::fs::metadata(state.join("status.json")) {
+            // Inode numbers are reused at once; the write time is not.
+            inodes.insert(m.modified().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        inodes.len() <= 10,
+        "status.json replaced {} times in 3 s",
+        inodes.len()
+    );
 
     // A broken file for 3 s: the condition is logged when it starts, not once
     // per retry (the old loop logged it 3,000-4,000 times a second).

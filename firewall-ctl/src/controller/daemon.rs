@@ -274,7 +274,13 @@ impl Daemon {
     /// alive); not on every wake-up, which rewrote both files for nothing.
     fn publish(&mut self, running: bool) {
         let s = self.core.status();
-        let core = serde_json::to_vec(&s).unwrap_or_default();
+        // The core's clock moves on every tick; compare the status without
+        // it, or every tick would count as a change.
+        let core = serde_json::to_vec(&CoreStatus {
+            now_ms: 0,
+            ..s.clone()
+        })
+        .unwrap_or_default();
         let now = now_ms();
         if running
             && core == self.published.0
