@@ -1,19 +1,20 @@
 //! firewall-ctl: loads the XDP firewall, inspects it, and runs the
 //! controller. Everything here is an adapter around the pure core in
-//! `firewall-controller` (where a deletion is decided: `firewall_controller::core`).
+//! `firewall-controller` (where a deletion is decided: [`core`], re-exported
+//! from `firewall_controller::core`).
 //!
-//! - The datapath: [`attach`] (load, pin, attach, replace, detach), [`kernel`]
-//!   (the pinned maps' layout checks, the control word, and the kernel
-//!   `PeerStore`), [`table`] (the slot protocol over the mmapped bucket
-//!   tables), [`batch`] (batch map writes), [`status`] (what `status`, `stats`
-//!   and `peers list` print).
-//! - The system: [`sys`] (privileges, bpffs, the one bpf() wrapper, the owned
-//!   `Mmap`), [`fsafe`] (directories and files another user could squat),
-//!   [`lock`] (the commit lock and the one-controller locks).
-//! - The controller's adapters: [`controller`] (config, the daemon loop, the
-//!   file, Serf and etcd sources, persisted state, the typed contract with
-//!   the CLI).
-//! - The CLI itself is `src/main.rs`.
+//! - [`datapath`]: the XDP program and its pinned maps as userspace sees them
+//!   (attach, layout checks, the control word, the slot protocol, the CIDR
+//!   tries, the kernel `PeerStore`, what `status` reads).
+//! - [`sys`]: the system underneath: privileges, bpffs, the one bpf() wrapper,
+//!   the owning `Mmap`, batch map writes, safe files and directories, locks.
+//! - [`daemon`]: the controller's loop, its config, persisted state and
+//!   audit log, and the typed contract (`Plan`, `ControllerStatus`,
+//!   `AuditLine`) it shares with the CLI.
+//! - [`sources`]: discovery (file, Serf, etcd), each a producer of typed
+//!   `Discovery` results.
+//! - [`cli`]: the command line (arguments, exit codes, rendering); `main.rs`
+//!   only calls it.
 
 // The slot protocol (table.rs) stores with Release and the XDP program reads
 // the generation with a plain load, which is an acquire only where every load
@@ -24,18 +25,14 @@ compile_error!(
     "firewall-ctl's slot protocol relies on x86-64 load ordering in the XDP program; other architectures need load-acquire in firewall-ebpf first"
 );
 
-pub mod attach;
-pub mod batch;
-pub mod controller;
-pub mod fsafe;
-pub mod kernel;
-pub mod lock;
-pub mod status;
+pub mod cli;
+pub mod daemon;
+pub mod datapath;
+pub mod sources;
 pub mod sys;
-pub mod table;
 
-// The pure core and its types, re-exported where they always were.
-pub use firewall_controller::{commit, peers, store};
+// The pure core and its types, re-exported so the adapters name them in one place.
+pub use firewall_controller::{commit, core, discovery, peers, store};
 
 /// The XDP object built by build.rs. Empty when built with AYA_BUILD_SKIP=1 or
 /// without the `ebpf` feature; [`ebpf_obj`] turns that into a clear error.

@@ -2,7 +2,7 @@
 //! parsed one passes its own validation.
 #![no_main]
 
-use firewall_ctl::controller::config::Config;
+use firewall_ctl::daemon::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

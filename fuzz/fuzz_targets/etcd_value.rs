@@ -2,7 +2,7 @@
 //! a prefix broader than the documented minimum once the core has it.
 #![no_main]
 
-use firewall_ctl::controller::etcd;
+use firewall_ctl::sources::etcd;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! and the core takes that result without panicking either.
 #![no_main]
 
-use firewall_ctl::controller::{config::Guards, core::Core, file_source};
+use firewall_ctl::{core::Core, daemon::config::Guards, sources::file as file_source};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,10 +2,10 @@
 //! error or to members, which the health rule and the core then take.
 #![no_main]
 
-use firewall_ctl::controller::{
-    config::Guards,
+use firewall_ctl::{
     core::Core,
-    serf::{self, MembersResponse},
+    daemon::config::Guards,
+    sources::serf::{self, MembersResponse},
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -2,7 +2,10 @@
 //! restarted controller trusts) and approve.json. The first byte picks one.
 #![no_main]
 
-use firewall_ctl::controller::{config::Guards, core::Core, state};
+use firewall_ctl::{
+    core::Core,
+    daemon::{config::Guards, state},
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -22,7 +22,7 @@ use aya::{
     programs::{TestRun as _, Xdp},
 };
 use firewall_common::{CidrVal, Control, Counters, PeerVal, Reason};
-use firewall_ctl::table::{Table, V4, V6};
+use firewall_ctl::datapath::table::{Table, V4, V6};
 
 /// True if kernel tests can run here. Otherwise: under CI (`CI=true`) the
 /// test fails, elsewhere it prints why it is skipped and returns false.
@@ -505,7 +505,8 @@ impl Harness {
     }
     /// The overlay table, read back from the loaded program.
     pub fn overlay(&self) -> Vec<firewall_common::OverlayRule> {
-        firewall_ctl::status::overlay_of(&self.prog().info().unwrap()).expect("overlay table")
+        firewall_ctl::datapath::status::overlay_of(&self.prog().info().unwrap())
+            .expect("overlay table")
     }
 }
 

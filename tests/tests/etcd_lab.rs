@@ -137,7 +137,7 @@ fn etcd_bulk_deletion_is_held_until_approved() {
     );
     // `plan` shows the same, through the typed contract the CLI reads.
     let cfg = dir.0.join("firewall.toml");
-    let plan: firewall_ctl::controller::contract::Plan = serde_json::from_str(&fwctl_ok(
+    let plan: firewall_ctl::daemon::contract::Plan = serde_json::from_str(&fwctl_ok(
         &p.a,
         &pins,
         &format!("plan --config {} --json", cfg.display()),

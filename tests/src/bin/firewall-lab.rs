@@ -347,7 +347,7 @@ fn reopen(ebpf: &mut aya::Ebpf, name: &str) -> Xdp {
 
 /// Commit the removal of every peer (untimed: between benchmark runs).
 fn remove_all(
-    store: &mut firewall_ctl::kernel::KernelStore,
+    store: &mut firewall_ctl::datapath::store::KernelStore,
     cur: &mut firewall_ctl::commit::Committed,
 ) -> anyhow::Result<()> {
     let all: Vec<_> = cur.set.keys().copied().collect();
@@ -403,10 +403,10 @@ fn place_v6(
     seed: [u64; 4],
     buckets: u32,
 ) -> anyhow::Result<(Vec<u32>, Vec<firewall_common::Bucket6>)> {
-    let t: firewall_ctl::table::Table<firewall_ctl::table::V6> =
-        firewall_ctl::table::Table::in_memory(buckets, seed)?;
+    let t: firewall_ctl::datapath::table::Table<firewall_ctl::datapath::table::V6> =
+        firewall_ctl::datapath::table::Table::in_memory(buckets, seed)?;
     for a in addrs {
-        t.insert(a, firewall_ctl::table::staged(1, 2))?;
+        t.insert(a, firewall_ctl::datapath::table::staged(1, 2))?;
     }
     Ok(t.used_buckets())
 }
@@ -423,7 +423,7 @@ fn v6_peer(i: u32) -> ipnet::IpNet {
 fn bench_controller() -> anyhow::Result<()> {
     use firewall_ctl::{
         commit::{Committed, commit},
-        kernel::KernelStore,
+        datapath::store::KernelStore,
         peers::{Changes, DISCOVERY},
     };
     use std::time::Instant;
@@ -435,16 +435,16 @@ fn bench_controller() -> anyhow::Result<()> {
     let (pins, floor_pins) = (PinDir::new(), PinDir::new());
     let (p1, p2) = (pins.path.clone(), floor_pins.path.clone());
     ns.run(move || -> anyhow::Result<()> {
-        firewall_ctl::attach::attach(
+        firewall_ctl::datapath::attach::attach(
             "xca",
-            firewall_ctl::attach::Mode::Auto,
+            firewall_ctl::datapath::attach::Mode::Auto,
             &p1,
             false,
             Some(1 << 20),
         )?;
-        firewall_ctl::attach::attach(
+        firewall_ctl::datapath::attach::attach(
             "xfa",
-            firewall_ctl::attach::Mode::Auto,
+            firewall_ctl::datapath::attach::Mode::Auto,
             &p2,
             false,
             Some(1 << 20),
@@ -504,12 +504,20 @@ fn bench_controller() -> anyhow::Result<()> {
                 floor_buckets,
             )?;
             let t = Instant::now();
-            firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &vals)
-                .map_err(|(_, e)| e)?;
+            firewall_ctl::sys::batch::update(
+                std::os::fd::AsFd::as_fd(floor_map.fd()),
+                &keys,
+                &vals,
+            )
+            .map_err(|(_, e)| e)?;
             floor = floor.min(t.elapsed().as_secs_f64() * 1e3);
             let empty = vec![firewall_common::Bucket6::default(); keys.len()];
-            firewall_ctl::batch::update(std::os::fd::AsFd::as_fd(floor_map.fd()), &keys, &empty)
-                .map_err(|(_, e)| e)?;
+            firewall_ctl::sys::batch::update(
+                std::os::fd::AsFd::as_fd(floor_map.fd()),
+                &keys,
+                &empty,
+            )
+            .map_err(|(_, e)| e)?;
         }
         worst_full = worst_full.max(ours / floor);
         println!(
@@ -578,7 +586,7 @@ fn bench_controller() -> anyhow::Result<()> {
     // through the same functions `firewall-ctl run` calls: bounded read and
     // typed parse, the core's validation and plan, then the commit.
     {
-        use firewall_ctl::controller::{config::Guards, core, file_source};
+        use firewall_ctl::{core, daemon::config::Guards, sources::file as file_source};
         let tmp = firewall_tests::TempDir::new();
         let file = tmp.0.join("peers.json");
         let body: Vec<String> = (0..1_000_000u32)
@@ -614,8 +622,8 @@ fn bench_controller() -> anyhow::Result<()> {
     let dir = pins.path.clone();
     let fdir = floor_pins.path.clone();
     ns.run(move || {
-        let _ = firewall_ctl::attach::detach("xca", &dir, true);
-        let _ = firewall_ctl::attach::detach("xfa", &fdir, true);
+        let _ = firewall_ctl::datapath::attach::detach("xca", &dir, true);
+        let _ = firewall_ctl::datapath::attach::detach("xfa", &fdir, true);
     });
     Ok(())
 }
@@ -1042,7 +1050,7 @@ fn bench_allow() -> anyhow::Result<()> {
         let n1 = lab.node(1).ns.path();
         // Watch n1's agent over RPC (in-process, inside n1's namespace) for n4 alive.
         let watcher = firewall_tests::spawn_in(n1, move || {
-            let mut c = firewall_ctl::controller::serf::Conn::connect(
+            let mut c = firewall_ctl::sources::serf::Conn::connect(
                 "127.0.0.1:7373",
                 None,
                 Some(Duration::from_secs(5)),

@@ -16,19 +16,21 @@ use anyhow::Context as _;
 use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
 use tokio::sync::mpsc;
 
-use super::{
-    config::{Config, SourceConfig},
-    contract::{AuditEvent, AuditLine, ControllerStatus, Eviction, Plan, PlanSource},
-    core::{Action, CommitResult, Core, CoreStatus},
-    discovery::Discovery,
-    file_source, state,
-};
+pub mod config;
+pub mod contract;
+pub mod state;
+
+use config::{Config, SourceConfig};
+use contract::{AuditEvent, AuditLine, ControllerStatus, Eviction, Plan, PlanSource};
+
 use crate::{
-    attach,
     commit::{Committed, commit},
-    kernel::KernelStore,
-    lock::CommitLock,
+    core::{Action, CommitResult, Core, CoreStatus},
+    datapath::{attach, store::KernelStore},
+    discovery::Discovery,
+    sources,
     store::StoreError,
+    sys::lock::CommitLock,
 };
 
 pub fn now_ms() -> u64 {
@@ -98,7 +100,7 @@ fn spawn_file_source(
                 if let Some(ms) = crate::failpoint("file-source-hang-ms") {
                     std::thread::sleep(Duration::from_millis(ms));
                 }
-                file_source::read(&p, max_bytes)
+                sources::file::read(&p, max_bytes)
             })
             .await
             {
@@ -327,7 +329,7 @@ impl Daemon {
             self.persist()?;
             let lock = CommitLock::acquire(&self.cfg.pin_dir)?;
             // Moved, not cloned: at a first sync of 1M peers a copy is 24 MB.
-            let super::core::CommitPlan { changes, evictions } = plan;
+            let crate::core::CommitPlan { changes, evictions } = plan;
             let r = commit(&mut self.store, &mut self.committed, changes);
             drop(lock);
             let now = now_ms();
@@ -386,7 +388,7 @@ impl Daemon {
 
     fn check_approval(&mut self) -> anyhow::Result<()> {
         let path = self.cfg.state_dir.join(state::APPROVE_FILE);
-        let bytes = match crate::fsafe::read_bounded(&path, state::MAX_APPROVAL_BYTES) {
+        let bytes = match crate::sys::fsafe::read_bounded(&path, state::MAX_APPROVAL_BYTES) {
             Ok(b) => b,
             Err(e) if e.not_found() => return Ok(()),
             Err(e) => {
@@ -420,7 +422,7 @@ impl Daemon {
     }
 }
 
-fn to_evictions(e: &[(ipnet::IpNet, super::core::Absence)]) -> Vec<Eviction> {
+fn to_evictions(e: &[(ipnet::IpNet, crate::core::Absence)]) -> Vec<Eviction> {
     e.iter()
         .map(|(n, a)| Eviction {
             peer: *n,
@@ -468,9 +470,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     state::prepare_dir(&cfg.state_dir).context("the state directory")?;
     // First the locks: a second controller must be refused before it touches
     // anything, attaching included.
-    let _controller = crate::lock::ControllerLock::acquire(&cfg.pin_dir, &cfg.state_dir)?;
+    let _controller = crate::sys::lock::ControllerLock::acquire(&cfg.pin_dir, &cfg.state_dir)?;
     ensure_attached(&cfg)?;
-    crate::kernel::check_dir(&cfg.pin_dir)?;
+    crate::datapath::layout::check_dir(&cfg.pin_dir)?;
     let mut store = KernelStore::open(&cfg.pin_dir)?;
     let (committed, cleaned) = {
         let _lock = CommitLock::acquire(&cfg.pin_dir)?;
@@ -517,8 +519,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
             (rx, Some(w))
         }
-        SourceConfig::Serf(sc) => (super::serf::spawn(sc, d.cfg.guards.max_members), None),
-        SourceConfig::Etcd(ec) => (super::etcd::spawn(ec, d.cfg.guards.max_members), None),
+        SourceConfig::Serf(sc) => (sources::serf::spawn(sc, d.cfg.guards.max_members), None),
+        SourceConfig::Etcd(ec) => (sources::etcd::spawn(ec, d.cfg.guards.max_members), None),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -596,22 +598,22 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
     let disc = match &cfg.discovery {
         SourceConfig::File {
             path, max_bytes, ..
-        } => file_source::read(path, *max_bytes),
+        } => sources::file::read(path, *max_bytes),
         SourceConfig::Serf(sc) => {
-            let mut c = super::serf::Conn::connect(
+            let mut c = sources::serf::Conn::connect(
                 &sc.rpc_addr,
                 sc.auth_key.as_deref(),
                 Some(Duration::from_secs(5)),
             )?;
             let me = c.self_name()?;
-            super::serf::to_discovery(c.members_filtered(&sc.tags)?, &me, cfg.guards.max_members)
+            sources::serf::to_discovery(c.members_filtered(&sc.tags)?, &me, cfg.guards.max_members)
         }
         SourceConfig::Etcd(ec) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let mut rx = super::etcd::spawn(ec.clone(), cfg.guards.max_members);
+                let mut rx = sources::etcd::spawn(ec.clone(), cfg.guards.max_members);
                 tokio::time::timeout(Duration::from_secs(10), rx.recv())
                     .await
                     .ok()

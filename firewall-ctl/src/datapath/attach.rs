@@ -23,8 +23,8 @@ use aya::{
 use firewall_common::names;
 
 use crate::{
+    datapath::layout::{LayoutError, check_pin},
     ebpf_obj,
-    kernel::{LayoutError, check_pin},
     sys::{self, SysError},
 };
 
@@ -131,7 +131,7 @@ pub fn attach(
     // 0700 and ours, every level: bpffs is 1777, and a directory another
     // user made first would let them unlink our link (fail open).
     for d in [pin_dir.to_path_buf(), pin_dir.join("ifaces"), dir.clone()] {
-        crate::fsafe::ensure_private_dir(&d).map_err(LayoutError::from)?;
+        crate::sys::fsafe::ensure_private_dir(&d).map_err(LayoutError::from)?;
     }
 
     // Check every existing pin before aya reuses it: aya does not compare a
@@ -146,7 +146,7 @@ pub fn attach(
             )
         {
             let existing = m.info().map(|i| i.max_entries()).unwrap_or(0);
-            if existing != crate::table::buckets_for(req) {
+            if existing != crate::datapath::table::buckets_for(req) {
                 return Err(AttachError::Capacity {
                     dir: pin_dir.into(),
                     existing: existing.saturating_mul(firewall_common::PEERS_PER_BUCKET),
@@ -160,7 +160,7 @@ pub fn attach(
     check_pin(pin_dir, &counters, names::COUNTERS)?;
     loader.map_pin_path(names::COUNTERS, &counters);
     if let Some(n) = max_peers {
-        let buckets = crate::table::buckets_for(n);
+        let buckets = crate::datapath::table::buckets_for(n);
         loader
             .map_max_entries(names::PEERS_V4, buckets)
             .map_max_entries(names::PEERS_V6, buckets);
@@ -169,7 +169,7 @@ pub fn attach(
         .load(obj)
         .map_err(kernel("loading the firewall object failed"))?;
     // Initialise the control word of a fresh pin directory (and re-check it).
-    crate::kernel::KernelStore::open(pin_dir)?;
+    crate::datapath::store::KernelStore::open(pin_dir)?;
 
     let prog: &mut Xdp = ebpf
         .program_mut(names::PROGRAM)
@@ -306,7 +306,7 @@ pub fn detach(iface: &str, pin_dir: &Path, purge: bool) -> Result<bool, AttachEr
         let _ = std::fs::remove_dir(pin_dir.join("ifaces"));
         // A running controller holds a lock on this directory; removing the
         // empty directory does not unlock it, and it is made again on start.
-        let _ = std::fs::remove_dir(pin_dir.join(crate::lock::CONTROLLER_DIR));
+        let _ = std::fs::remove_dir(pin_dir.join(crate::sys::lock::CONTROLLER_DIR));
         let _ = std::fs::remove_dir(pin_dir);
         purged = true;
     }

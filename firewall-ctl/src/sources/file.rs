@@ -12,7 +12,7 @@ use std::{borrow::Cow, net::SocketAddr, path::Path};
 
 use serde::Deserialize;
 
-use super::discovery::{Discovery, Member, MemberStatus, SourceMeta};
+use crate::discovery::{Discovery, Member, MemberStatus, SourceMeta};
 use crate::peers::parse_peer;
 
 /// Both formats in one typed pass, straight from the bytes: going through
@@ -75,9 +75,9 @@ fn failed(reason: String) -> Discovery {
 pub fn read(path: &Path, max_bytes: u64) -> Discovery {
     // Only a regular file, opened without blocking, read through a bound:
     // a FIFO, a device or a file that lies about its size is a failure.
-    let bytes = match crate::fsafe::read_bounded(path, max_bytes) {
+    let bytes = match crate::sys::fsafe::read_bounded(path, max_bytes) {
         Ok(b) => b,
-        Err(crate::fsafe::ReadError::TooLarge { .. }) => {
+        Err(crate::sys::fsafe::ReadError::TooLarge { .. }) => {
             return failed(format!(
                 "{} is more than discovery.max_bytes = {max_bytes} bytes",
                 path.display()

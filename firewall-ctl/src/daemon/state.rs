@@ -9,8 +9,8 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::core::Persisted;
-use crate::fsafe;
+use crate::core::Persisted;
+use crate::sys::fsafe;
 
 pub const STATE_FILE: &str = "state.json";
 pub const STATUS_FILE: &str = "status.json";

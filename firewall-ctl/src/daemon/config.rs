@@ -35,9 +35,9 @@ pub enum SourceConfig {
     },
     /// The local Serf agent's RPC: `rpc_addr`, `tags` (a topology scope),
     /// `poll_ms`, `auth_key`.
-    Serf(super::serf::SerfConfig),
+    Serf(crate::sources::serf::SerfConfig),
     /// Keys under `prefix` in etcd (`endpoints`), listed then watched.
-    Etcd(super::etcd::EtcdConfig),
+    Etcd(crate::sources::etcd::EtcdConfig),
 }
 
 fn default_poll_ms() -> u64 {
@@ -103,7 +103,7 @@ impl Config {
             path: path.into(),
             source,
         };
-        let bytes = crate::fsafe::read_bounded(path, MAX_CONFIG_BYTES)
+        let bytes = crate::sys::fsafe::read_bounded(path, MAX_CONFIG_BYTES)
             .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
         let text = String::from_utf8(bytes).map_err(|_| ConfigError::Invalid {
             path: path.into(),
@@ -146,8 +146,8 @@ impl Config {
                 });
             }
         }
-        c.pin_dir = crate::fsafe::canonical(&c.pin_dir);
-        c.state_dir = crate::fsafe::canonical(&c.state_dir);
+        c.pin_dir = crate::sys::fsafe::canonical(&c.pin_dir);
+        c.state_dir = crate::sys::fsafe::canonical(&c.state_dir);
         Ok(c)
     }
 

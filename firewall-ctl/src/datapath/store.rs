@@ -1,258 +1,27 @@
-//! The pinned kernel maps: layout checks, the mmapped control word, and the
-//! [`PeerStore`] protocol over real maps (the exact-peer tables through
-//! [`crate::table`]).
+//! The kernel [`PeerStore`]: the commit protocol over the pinned maps of one
+//! pin directory (exact peers through [`super::table`], CIDR peers through
+//! [`super::cidr`], the flip through [`super::ctrl`]).
 
 use std::{
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::Ordering,
 };
 
-use aya::maps::{MapData, MapType};
-use firewall_common::{
-    ABI_VERSION, Bucket4, Bucket6, CTRL_MAGIC, CidrVal, Control, GEN_NEVER, LpmKeyV4, LpmKeyV6,
-    MAX_CIDRS, PeerVal, names,
-};
+use aya::maps::MapData;
+use firewall_common::{ABI_VERSION, CTRL_MAGIC, Control, GEN_NEVER, PeerVal, names};
 use ipnet::IpNet;
 
-use crate::{
-    batch,
-    peers::{Changes, Digest, PeerSet, is_exact},
-    store::{Loaded, PeerStore, StoreError, Version},
+use super::{
+    cidr::Cidrs,
+    ctrl::CtrlMap,
+    layout::{LayoutError, check_dir, check_pin},
     table::{Family, Slot, Table, V4, V6},
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum LayoutError {
-    #[error("pinned map {path} cannot be opened")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error(
-        "pinned map {path} is a {found}, but firewall-ctl {version} expects {expected}: it belongs to another tool or an incompatible version. Run `firewall-ctl detach` for every interface using {dir} (or remove the directory) and attach again"
-    )]
-    Mismatch {
-        path: PathBuf,
-        dir: PathBuf,
-        found: String,
-        expected: String,
-        version: &'static str,
-    },
-    #[error(
-        "no firewall is pinned in {0}: run `firewall-ctl attach --iface IF` first (or pass the right `--pin-dir`)"
-    )]
-    NotAttached(PathBuf),
-    #[error(transparent)]
-    Unsafe(#[from] crate::fsafe::UnsafePath),
-    #[error("cannot map the control word of {path} into memory")]
-    Mmap {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// What a map of ours must look like. `max_entries` of the peer tables is set
-/// at attach time, so it is not part of the expected shape (CTRL's bucket
-/// masks are checked against it instead).
-struct Shape {
-    name: &'static str,
-    kind: MapType,
-    key: u32,
-    value: u32,
-    flags: u32,
-    max_entries: Option<u32>,
-}
-
-const NO_PREALLOC: u32 = 1;
-const MMAPABLE: u32 = 1 << 10;
-
-fn shapes() -> [Shape; 8] {
-    use std::mem::size_of as sz;
-    let lpm4 = sz::<LpmKeyV4>() as u32;
-    let lpm6 = sz::<LpmKeyV6>() as u32;
-    let cv = sz::<CidrVal>() as u32;
-    [
-        Shape {
-            name: names::PEERS_V4,
-            kind: MapType::Array,
-            key: 4,
-            value: sz::<Bucket4>() as u32,
-            flags: MMAPABLE,
-            max_entries: None,
-        },
-        Shape {
-            name: names::PEERS_V6,
-            kind: MapType::Array,
-            key: 4,
-            value: sz::<Bucket6>() as u32,
-            flags: MMAPABLE,
-            max_entries: None,
-        },
-        Shape {
-            name: names::CIDR4_0,
-            kind: MapType::LpmTrie,
-            key: lpm4,
-            value: cv,
-            flags: NO_PREALLOC,
-            max_entries: Some(MAX_CIDRS),
-        },
-        Shape {
-            name: names::CIDR4_1,
-            kind: MapType::LpmTrie,
-            key: lpm4,
-            value: cv,
-            flags: NO_PREALLOC,
-            max_entries: Some(MAX_CIDRS),
-        },
-        Shape {
-            name: names::CIDR6_0,
-            kind: MapType::LpmTrie,
-            key: lpm6,
-            value: cv,
-            flags: NO_PREALLOC,
-            max_entries: Some(MAX_CIDRS),
-        },
-        Shape {
-            name: names::CIDR6_1,
-            kind: MapType::LpmTrie,
-            key: lpm6,
-            value: cv,
-            flags: NO_PREALLOC,
-            max_entries: Some(MAX_CIDRS),
-        },
-        Shape {
-            name: names::CTRL,
-            kind: MapType::Array,
-            key: 4,
-            value: sz::<Control>() as u32,
-            flags: MMAPABLE,
-            max_entries: Some(1),
-        },
-        Shape {
-            name: names::COUNTERS,
-            kind: MapType::PerCpuArray,
-            key: 4,
-            value: sz::<firewall_common::Counters>() as u32,
-            flags: 0,
-            max_entries: Some(1),
-        },
-    ]
-}
-
-/// The pin directory must exist, be ours and be writable by nobody else: whoever
-/// can write it can unlink the pinned link and detach the firewall.
-pub fn check_dir(dir: &Path) -> Result<(), LayoutError> {
-    match crate::fsafe::check_private_dir(dir) {
-        Err(crate::fsafe::UnsafePath::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Err(LayoutError::NotAttached(dir.into()))
-        }
-        r => Ok(r?),
-    }
-}
-
-/// Check the pinned map at `path` against our layout. `Ok(None)` if absent.
-pub fn check_pin(dir: &Path, path: &Path, name: &str) -> Result<Option<MapData>, LayoutError> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let data = MapData::from_pin(path).map_err(|source| LayoutError::Open {
-        path: path.into(),
-        source,
-    })?;
-    let shape = shapes()
-        .into_iter()
-        .find(|s| s.name == name)
-        .expect("known map");
-    let info = data.info().map_err(|source| LayoutError::Open {
-        path: path.into(),
-        source,
-    })?;
-    let kind = info.map_type().ok();
-    let ok = kind == Some(shape.kind)
-        && info.key_size() == shape.key
-        && info.value_size() == shape.value
-        && info.map_flags() == shape.flags
-        && shape.max_entries.is_none_or(|m| m == info.max_entries());
-    if !ok {
-        return Err(LayoutError::Mismatch {
-            path: path.into(),
-            dir: dir.into(),
-            found: format!(
-                "{:?} map with key {}B, value {}B, flags {:#x}, max_entries {}",
-                kind,
-                info.key_size(),
-                info.value_size(),
-                info.map_flags(),
-                info.max_entries()
-            ),
-            expected: format!(
-                "{:?} map with key {}B, value {}B, flags {:#x}",
-                shape.kind, shape.key, shape.value, shape.flags
-            ),
-            version: env!("CARGO_PKG_VERSION"),
-        });
-    }
-    Ok(Some(data))
-}
-
-/// The mmapped `CTRL` value.
-struct CtrlMap {
-    map: crate::sys::Mmap,
-}
-
-impl CtrlMap {
-    fn new(fd: BorrowedFd<'_>, path: &Path) -> Result<Self, LayoutError> {
-        // One `Control` (layout checked by the caller).
-        let map = crate::sys::Mmap::shared(Some(fd), size_of::<Control>()).map_err(|source| {
-            LayoutError::Mmap {
-                path: path.into(),
-                source,
-            }
-        })?;
-        Ok(CtrlMap { map })
-    }
-
-    fn read(&self) -> Control {
-        // SAFETY: the mapping is live for self's lifetime and holds a Control.
-        unsafe { std::ptr::read_volatile(self.map.ptr::<Control>().as_ptr()) }
-    }
-    fn gen_word(&self) -> &AtomicU64 {
-        // SAFETY: committed_gen is the first, 8-byte aligned field of a page-aligned mapping.
-        unsafe {
-            AtomicU64::from_ptr(std::ptr::addr_of_mut!(
-                (*self.map.ptr::<Control>().as_ptr()).committed_gen
-            ))
-        }
-    }
-    fn update(&self, f: impl FnOnce(&mut Control)) {
-        // Only the fields other than committed_gen are written this way; the
-        // datapath reads none of them except the CIDR counts of the live slot,
-        // which are only ever written for the standby slot. The flip's Release
-        // store of committed_gen comes after these volatile writes in program
-        // order, so it publishes them (see the compile_error in lib.rs for the
-        // datapath's side of that).
-        let mut c = self.read();
-        f(&mut c);
-        // SAFETY: as in read(); a single writer holds the commit lock.
-        unsafe {
-            let p = self.map.ptr::<Control>().as_ptr();
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).staged_gen), c.staged_gen);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).magic), c.magic);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).abi_version), c.abi_version);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).cidr4_count), c.cidr4_count);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).cidr6_count), c.cidr6_count);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).peer_count), c.peer_count);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).checksum), c.checksum);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).hash_seed), c.hash_seed);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).bucket_mask), c.bucket_mask);
-        }
-    }
-}
+use crate::{
+    peers::{Changes, Digest, PeerSet, is_exact},
+    store::{Loaded, PeerStore, StoreError, Version},
+};
 
 #[derive(Debug, serde::Serialize)]
 pub struct PeerRow {
@@ -271,8 +40,7 @@ pub struct KernelStore {
     pub dir: PathBuf,
     v4: Table<V4>,
     v6: Table<V6>,
-    cidr4: [MapData; 2],
-    cidr6: [MapData; 2],
+    cidrs: Cidrs,
     ctrl: CtrlMap,
     /// Slots in use in PEERS_V4/V6 (visible or not), kept to refuse a full
     /// table before writing; refreshed by every load().
@@ -280,7 +48,7 @@ pub struct KernelStore {
     capacity: [u64; 2],
 }
 
-fn io(op: &'static str, map: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+pub(crate) fn io(op: &'static str, map: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
     move |source| StoreError::Io { op, map, source }
 }
 
@@ -373,8 +141,10 @@ impl KernelStore {
             dir: dir.into(),
             v4,
             v6,
-            cidr4: [get(names::CIDR4_0)?, get(names::CIDR4_1)?],
-            cidr6: [get(names::CIDR6_0)?, get(names::CIDR6_1)?],
+            cidrs: Cidrs {
+                v4: [get(names::CIDR4_0)?, get(names::CIDR4_1)?],
+                v6: [get(names::CIDR6_0)?, get(names::CIDR6_1)?],
+            },
             ctrl,
             entries: [0, 0],
             capacity,
@@ -404,27 +174,6 @@ impl KernelStore {
         a.chain(b)
     }
 
-    fn dump_cidrs(&self, slot: usize) -> Result<PeerSet, StoreError> {
-        let mut out = PeerSet::new();
-        let a: Vec<(LpmKeyV4, CidrVal)> =
-            batch::dump(self.cidr4[slot].fd().as_fd(), MAX_CIDRS as usize)
-                .map_err(io("read", names::CIDR4_0))?;
-        for (k, v) in a {
-            if let Ok(n) = ipnet::Ipv4Net::new(k.addr.into(), k.prefix_len as u8) {
-                out.insert(IpNet::V4(n), v.origin);
-            }
-        }
-        let b: Vec<(LpmKeyV6, CidrVal)> =
-            batch::dump(self.cidr6[slot].fd().as_fd(), MAX_CIDRS as usize)
-                .map_err(io("read", names::CIDR6_0))?;
-        for (k, v) in b {
-            if let Ok(n) = ipnet::Ipv6Net::new(k.addr.into(), k.prefix_len as u8) {
-                out.insert(IpNet::V6(n), v.origin);
-            }
-        }
-        Ok(out)
-    }
-
     /// Count and checksum of everything visible at `generation`, from a full
     /// read-back, without building the set.
     pub fn digest_at(&self, generation: u64) -> Result<Digest, StoreError> {
@@ -434,7 +183,7 @@ impl KernelStore {
                 d.add(&n, v.origin);
             }
         }
-        for (n, o) in self.dump_cidrs((generation & 1) as usize)? {
+        for (n, o) in self.cidrs.dump((generation & 1) as usize)? {
             d.add(&n, o);
         }
         Ok(d)
@@ -486,7 +235,7 @@ impl KernelStore {
                 bucket: Some(bucket),
             })
             .collect();
-        for (n, o) in self.dump_cidrs((generation & 1) as usize)? {
+        for (n, o) in self.cidrs.dump((generation & 1) as usize)? {
             rows.push(PeerRow {
                 peer: n,
                 origin: o,
@@ -497,64 +246,6 @@ impl KernelStore {
         }
         rows.sort_by_key(|r| r.peer);
         Ok(rows)
-    }
-
-    fn write_cidr_slot(&mut self, slot: usize, cidrs: &PeerSet) -> Result<(), StoreError> {
-        let old = self.dump_cidrs(slot)?;
-        let (mut k4, mut k6) = (Vec::new(), Vec::new());
-        for n in old.keys() {
-            match n {
-                IpNet::V4(n) => k4.push(LpmKeyV4 {
-                    prefix_len: n.prefix_len() as u32,
-                    addr: n.addr().octets(),
-                }),
-                IpNet::V6(n) => k6.push(LpmKeyV6 {
-                    prefix_len: n.prefix_len() as u32,
-                    addr: n.addr().octets(),
-                }),
-            }
-        }
-        batch::delete(self.cidr4[slot].fd().as_fd(), &k4).map_err(io("clear", names::CIDR4_0))?;
-        batch::delete(self.cidr6[slot].fd().as_fd(), &k6).map_err(io("clear", names::CIDR6_0))?;
-        let (mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (n, o) in cidrs {
-            let v = CidrVal {
-                origin: *o,
-                _pad: 0,
-            };
-            match n {
-                IpNet::V4(n) => {
-                    k4.push(LpmKeyV4 {
-                        prefix_len: n.prefix_len() as u32,
-                        addr: n.addr().octets(),
-                    });
-                    v4.push(v);
-                }
-                IpNet::V6(n) => {
-                    k6.push(LpmKeyV6 {
-                        prefix_len: n.prefix_len() as u32,
-                        addr: n.addr().octets(),
-                    });
-                    v6.push(v);
-                }
-            }
-        }
-        if k4.len() > MAX_CIDRS as usize || k6.len() > MAX_CIDRS as usize {
-            return Err(StoreError::MapFull {
-                map: names::CIDR4_0,
-                capacity: MAX_CIDRS as u64,
-                needed: k4.len().max(k6.len()) as u64,
-            });
-        }
-        batch::update(self.cidr4[slot].fd().as_fd(), &k4, &v4)
-            .map_err(|(_, e)| io("stage", names::CIDR4_0)(e))?;
-        batch::update(self.cidr6[slot].fd().as_fd(), &k6, &v6)
-            .map_err(|(_, e)| io("stage", names::CIDR6_0)(e))?;
-        self.ctrl.update(|c| {
-            c.cidr4_count[slot] = k4.len() as u32;
-            c.cidr6_count[slot] = k6.len() as u32;
-        });
-        Ok(())
     }
 }
 
@@ -580,7 +271,7 @@ impl PeerStore for KernelStore {
             }
         }
         self.entries = used;
-        set.extend(self.dump_cidrs((generation & 1) as usize)?);
+        set.extend(self.cidrs.dump((generation & 1) as usize)?);
         Ok(Loaded {
             generation,
             set,
@@ -651,7 +342,8 @@ impl PeerStore for KernelStore {
         // Additions; an origin change also marks the old version removed.
         self.entries[0] += stage_adds(&self.v4, &adds_v4, generation)?;
         self.entries[1] += stage_adds(&self.v6, &adds_v6, generation)?;
-        self.write_cidr_slot((generation & 1) as usize, cidrs)
+        self.cidrs
+            .write((generation & 1) as usize, cidrs, &self.ctrl)
     }
 
     fn verify(
@@ -685,7 +377,7 @@ impl PeerStore for KernelStore {
                 .map(|(_, v)| -> Version { (v.added_gen, v.removed_gen, v.origin) })
                 .collect())
         })?;
-        let back = self.dump_cidrs((generation & 1) as usize)?;
+        let back = self.cidrs.dump((generation & 1) as usize)?;
         if &back != cidrs {
             return fail(format!(
                 "CIDR slot holds {} entries, expected {}",
@@ -736,7 +428,7 @@ fn stage_adds<F: Family>(
     generation: u64,
 ) -> Result<u64, StoreError> {
     let stage = |(a, o): &(F::Addr, crate::peers::Origin)| {
-        t.stage_add(*a, crate::table::staged(generation, *o), generation - 1)
+        t.stage_add(*a, super::table::staged(generation, *o), generation - 1)
     };
     if adds.len() <= 4096 {
         for add in adds {

@@ -14,7 +14,8 @@ use aya::{
 use firewall_common::{Counters, OVERLAY_MAGIC, OverlayRule, OverlayTable, names};
 use serde::Serialize;
 
-use crate::{attach::iface_dir, kernel::KernelStore, sys};
+use super::{attach::iface_dir, store::KernelStore};
+use crate::sys;
 
 #[derive(Debug, Serialize)]
 pub struct MapRef {
@@ -209,7 +210,7 @@ pub fn iface_status(pin_dir: &Path, iface: &str) -> IfaceStatus {
     st
 }
 
-pub fn status(pin_dir: &Path) -> Result<Status, crate::kernel::LayoutError> {
+pub fn status(pin_dir: &Path) -> Result<Status, crate::datapath::layout::LayoutError> {
     let store = KernelStore::open(pin_dir)?;
     let c = store.control();
     let live = (c.committed_gen & 1) as usize;

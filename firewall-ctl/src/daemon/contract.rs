@@ -7,7 +7,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::core::{AbsentView, CoreStatus, Freeze};
+use crate::core::{AbsentView, CoreStatus, Freeze};
 
 /// `status.json`, republished by the daemon as it runs.
 #[derive(Clone, Debug, Serialize, Deserialize)]

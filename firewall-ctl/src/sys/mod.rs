@@ -1,5 +1,13 @@
 //! Preflight checks that turn kernel errnos into instructions, and the few raw
 //! bpf(2) calls aya 0.14 does not wrap (link info, link detach, raw lookup).
+//!
+//! Beside it: [`batch`] (batch map writes), [`fsafe`] (directories and files
+//! another user could squat), [`lock`] (the commit lock and the
+//! one-controller locks).
+
+pub mod batch;
+pub mod fsafe;
+pub mod lock;
 
 use std::{
     ffi::CString,

@@ -29,7 +29,7 @@ pub enum LockError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Unsafe(#[from] crate::fsafe::UnsafePath),
+    Unsafe(#[from] crate::sys::fsafe::UnsafePath),
     #[error(
         "another controller{holder} already runs on {path}: stop it first (one controller per pin directory and per state directory)"
     )]
@@ -64,7 +64,7 @@ impl CommitLock {
     pub fn acquire(pin_dir: &Path) -> Result<CommitLock, LockError> {
         // Whose directory it is comes first: a lock on a directory someone
         // else controls would serialise nothing.
-        crate::fsafe::check_private_dir(pin_dir)?;
+        crate::sys::fsafe::check_private_dir(pin_dir)?;
         let f = open_dir(pin_dir)?;
         flock(&f, libc::LOCK_EX).map_err(|source| LockError::Io {
             path: pin_dir.into(),
@@ -90,7 +90,7 @@ pub const STATE_LOCK: &str = "controller.lock";
 impl ControllerLock {
     pub fn acquire(pin_dir: &Path, state_dir: &Path) -> Result<ControllerLock, LockError> {
         let cdir = pin_dir.join(CONTROLLER_DIR);
-        crate::fsafe::ensure_private_dir(&cdir)?;
+        crate::sys::fsafe::ensure_private_dir(&cdir)?;
         let path = state_dir.join(STATE_LOCK);
         let io = |source| LockError::Io {
             path: path.clone(),

@@ -23,10 +23,8 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
-use super::{
-    discovery::{Discovery, Member, SourceMeta},
-    file_source::status_of,
-};
+use super::file::status_of;
+use crate::discovery::{Discovery, Member, SourceMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SerfError {
@@ -635,10 +633,7 @@ mod tests {
         };
         assert!(meta.healthy);
         assert_eq!(members.len(), 3);
-        assert_eq!(
-            members[2].status,
-            super::super::discovery::MemberStatus::Left
-        );
+        assert_eq!(members[2].status, crate::discovery::MemberStatus::Left);
         let mapped = member_ip(&Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()).unwrap();
         assert_eq!(mapped, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)));
         assert!(matches!(

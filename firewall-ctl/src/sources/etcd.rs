@@ -18,10 +18,8 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{
-    discovery::{Discovery, Member, SourceMeta},
-    file_source::status_of,
-};
+use super::file::status_of;
+use crate::discovery::{Discovery, Member, SourceMeta};
 use crate::peers::parse_peer;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,7 +82,7 @@ impl EtcdConfig {
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
 fn pem(path: &Path) -> Result<Vec<u8>, String> {
-    crate::fsafe::read_bounded(path, MAX_PEM_BYTES).map_err(|e| e.to_string())
+    crate::sys::fsafe::read_bounded(path, MAX_PEM_BYTES).map_err(|e| e.to_string())
 }
 
 /// The connection options: timeouts, TLS and credentials. Files are read at

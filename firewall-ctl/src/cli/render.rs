@@ -1,0 +1,154 @@
+//! Human-readable rendering of the datapath status and the daemon's typed
+//! plan and status (the same types the daemon writes, so a renamed field
+//! fails to compile here).
+
+use crate::{
+    daemon::contract::{ControllerStatus, Plan},
+    datapath::status,
+};
+
+pub(super) fn print_status(st: &status::Status) {
+    let d = &st.datapath;
+    println!("pin dir     {}", st.pin_dir.display());
+    println!(
+        "generation  {} committed{}",
+        d.committed_generation,
+        if d.staged_generation > d.committed_generation {
+            format!(", {} staged (not flipped)", d.staged_generation)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "peers       {} (checksum {}), live CIDR tries: {} v4 / {} v6, capacity {} per family",
+        d.peer_count, d.checksum, d.cidr4_live, d.cidr6_live, d.capacity_per_family
+    );
+    for m in &d.maps {
+        println!("  map {:<9} id {:<6} {}", m.name, m.id, m.path.display());
+    }
+    if st.interfaces.is_empty() {
+        println!("no interface attached");
+    }
+    for i in &st.interfaces {
+        println!(
+            "\ninterface {} (ifindex {}): {}",
+            i.iface,
+            i.ifindex.map_or("?".into(), |x| x.to_string()),
+            if i.attached {
+                format!("attached, mode {}", i.mode.as_deref().unwrap_or("?"))
+            } else {
+                "NOT attached".into()
+            }
+        );
+        println!(
+            "  program id {} tag {}  link id {}",
+            i.prog_id.map_or("?".into(), |x| x.to_string()),
+            i.prog_tag.as_deref().unwrap_or("?"),
+            i.link_id.map_or("?".into(), |x| x.to_string())
+        );
+        if let Some(m) = &i.counters_map {
+            println!("  map {:<9} id {:<6} {}", m.name, m.id, m.path.display());
+        }
+        let c = &i.counters;
+        println!(
+            "  counters   overlay {}  peer {}  nonip {}  neighbour {}  default_drop {}  malformed {}",
+            c.overlay, c.peer, c.nonip, c.neighbour, c.default_drop, c.malformed
+        );
+        println!(
+            "  overlay allowlist compiled into the loaded program ({} rules):",
+            i.overlay.len()
+        );
+        for r in &i.overlay {
+            let mut s = format!("    {:<20} {}", r.cidr, r.proto);
+            if let Some(p) = r.dport {
+                s += &format!(" dport {p}");
+            }
+            if let Some(p) = r.sport {
+                s += &format!(" sport {p}");
+            }
+            println!("{s}");
+        }
+        if let Some(p) = &i.problem {
+            println!("  problem: {p}");
+        }
+    }
+}
+
+pub(super) fn print_plan(plan: &Plan) {
+    println!(
+        "generation {} committed; source: {} with {} members",
+        plan.generation, plan.source.kind, plan.source.members
+    );
+    if let Some(f) = &plan.freeze {
+        println!("deletions frozen: {f}");
+    }
+    let list = |what: &str, items: Vec<String>| {
+        println!("{what}: {}", if items.is_empty() { "nothing" } else { "" });
+        for i in items {
+            println!("  {i}");
+        }
+    };
+    list(
+        "would add",
+        plan.would_add.iter().map(|n| n.to_string()).collect(),
+    );
+    list(
+        "would evict",
+        plan.would_evict
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} (absent since {} ms{})",
+                    e.peer,
+                    e.absent_since_ms,
+                    if e.graceful { ", left gracefully" } else { "" }
+                )
+            })
+            .collect(),
+    );
+    list("held", plan.held.iter().map(|n| n.to_string()).collect());
+    list(
+        "absent, not yet due",
+        plan.absent_not_yet_due
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} since {} ms, evict at {} ms",
+                    a.peer, a.since_ms, a.evict_at_ms
+                )
+            })
+            .collect(),
+    );
+}
+
+pub(super) fn print_controller(ctl: Option<&ControllerStatus>) {
+    let Some(v) = ctl else {
+        println!(
+            "\ncontroller: no status file (is `firewall-ctl run` running with this --state-dir?)"
+        );
+        return;
+    };
+    let c = &v.core;
+    println!(
+        "\ncontroller pid {} ({}), synced {}, last result: {}",
+        v.pid,
+        if v.running { "running" } else { "stopped" },
+        c.synced,
+        c.last_result.as_deref().unwrap_or("none")
+    );
+    for a in &c.alarms {
+        println!("  ALARM {a}");
+    }
+    for a in &c.absent {
+        println!(
+            "  absent {} since {} ms, evict at {} ms{}",
+            a.peer,
+            a.since_ms,
+            a.evict_at_ms,
+            if a.graceful { " (left gracefully)" } else { "" }
+        );
+    }
+    for h in &c.held {
+        println!("  held   {h} (run `firewall-ctl approve` to review)");
+    }
+}
