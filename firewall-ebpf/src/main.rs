@@ -13,7 +13,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -37,7 +37,6 @@ use network_types::{
 // compares, and OVERLAY_TABLE, its read-back copy in .rodata.
 include!(concat!(env!("OUT_DIR"), "/overlay.rs"));
 
-const BPF_F_NO_PREALLOC: usize = 1;
 const BPF_F_MMAPABLE: usize = 1 << 10;
 
 const DEFAULT_BUCKETS: usize = (DEFAULT_MAX_PEERS / PEERS_PER_BUCKET) as usize;
@@ -49,10 +48,6 @@ const DEFAULT_BUCKETS: usize = (DEFAULT_MAX_PEERS / PEERS_PER_BUCKET) as usize;
 static PEERS_V4: Array<Bucket4, DEFAULT_BUCKETS, BPF_F_MMAPABLE> = Array::new();
 #[btf_map]
 static PEERS_V6: Array<Bucket6, DEFAULT_BUCKETS, BPF_F_MMAPABLE> = Array::new();
-// Only for the `lookup_floor` benchmark baseline: a kernel hash map of sources.
-// NO_PREALLOC and small, so the unused copy every attach creates costs nothing.
-#[btf_map]
-static HASH_FLOOR: HashMap<[u8; 4], u32, 16_384, BPF_F_NO_PREALLOC> = HashMap::new();
 // CIDR peers: two tries per family, the live one is `committed_gen & 1`.
 #[btf_map]
 static CIDR4_0: LpmTrie<[u8; 4], CidrVal, { MAX_CIDRS as usize }> = LpmTrie::new();
@@ -95,28 +90,11 @@ pub fn firewall(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The benchmark floor: the cheapest possible XDP program, measured in the same
-/// run as `firewall` so ratios survive machine drift.
-#[xdp]
-pub fn pass_floor(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
-/// Benchmark baseline: parse nothing but the IPv4 source at a fixed offset and
-/// do one `BPF_MAP_TYPE_HASH` lookup of it: what any source filter built on the
-/// kernel's hash map costs at least, shown next to ours in the benchmark.
-#[xdp]
-pub fn lookup_floor(ctx: XdpContext) -> u32 {
-    let Some(p) = ptr_at::<[u8; 4]>(&ctx, EthHdr::LEN + 12) else {
-        return xdp_action::XDP_DROP;
-    };
-    // SAFETY: `p` came from ptr_at, which checked it lies within the packet.
-    if HASH_FLOOR.get_ptr(unsafe { &*p }).is_some() {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
-}
+// The benchmark baselines (`pass_floor`, `lookup_floor`) are built only
+// with the `bench` feature, into the lab's object: the shipped object holds
+// the firewall alone.
+#[cfg(feature = "bench")]
+mod bench;
 
 /// One load from the read-back overlay table, so the verifier lists its
 /// `.rodata` map among the program's maps and `status` can find it there. It

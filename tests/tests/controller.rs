@@ -5,8 +5,7 @@
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use firewall_tests::{
-    Daemon, Pair, PinDir, TempDir, Traffic, fwctl_ok, kernel_available, wait_for, write_peers,
-    write_raw,
+    Daemon, Pair, PinDir, TempDir, Traffic, fwctl_ok, wait_for, write_peers, write_raw,
 };
 
 const PORT: u16 = 6000;
@@ -78,9 +77,7 @@ fn assert_no_loss(report: &[(IpAddr, u32, u32)], live: &[IpAddr]) {
 
 #[test]
 fn empty_then_partial_then_back_loses_no_packet() {
-    if !kernel_available("empty_then_partial_then_back_loses_no_packet") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(31);
     let pins = PinDir::new();
     let dir = TempDir::new();
@@ -134,9 +131,7 @@ fn empty_then_partial_then_back_loses_no_packet() {
 
 #[test]
 fn a_peer_removed_for_good_is_evicted_after_the_grace() {
-    if !kernel_available("a_peer_removed_for_good_is_evicted_after_the_grace") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(32);
     let pins = PinDir::new();
     let dir = TempDir::new();
@@ -186,9 +181,7 @@ fn a_peer_removed_for_good_is_evicted_after_the_grace() {
 
 #[test]
 fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
-    if !kernel_available("repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(33);
     let pins = PinDir::new();
     let dir = TempDir::new();

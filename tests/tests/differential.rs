@@ -17,7 +17,7 @@ use firewall_common::{
     classify::{PeerLookup, classify},
 };
 use firewall_tests::packet::{Ext, Frame, L4};
-use firewall_tests::{Harness, XDP_ABORTED, XDP_PASS, kernel_available};
+use firewall_tests::{Harness, XDP_ABORTED, XDP_PASS};
 use proptest::{
     prelude::*,
     test_runner::{Config, TestRunner},
@@ -176,9 +176,7 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
 
 #[test]
 fn kernel_agrees_with_reference_on_100k_frames() {
-    if !kernel_available("kernel_agrees_with_reference_on_100k_frames") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let mut h = Harness::new();
     let mut peers = Peers {
         v4: vec![],

@@ -4,7 +4,7 @@
 use std::{net::IpAddr, os::unix::fs::PermissionsExt as _, time::Duration};
 
 use firewall_tests::{
-    Daemon, Ns, Pair, PinDir, TempDir, fwctl, fwctl_ok, kernel_available,
+    Daemon, Ns, Pair, PinDir, TempDir, fwctl, fwctl_ok,
     lab::{Etcd, EtcdTls},
     wait_for,
 };
@@ -62,9 +62,7 @@ fn setup(net: u8, guards: &str) -> (Pair, PinDir, TempDir, Etcd, Daemon, Vec<IpA
 
 #[test]
 fn etcd_stopped_deletes_nothing() {
-    if !kernel_available("etcd_stopped_deletes_nothing") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins, dir, mut etcd, d, peers) = setup(36, "grace_ms = 1000\ngraceful_grace_ms = 1000");
     etcd.kill();
     // Several grace periods with etcd gone: the source reports failures.
@@ -108,9 +106,7 @@ fn etcd_stopped_deletes_nothing() {
 
 #[test]
 fn etcd_bulk_deletion_is_held_until_approved() {
-    if !kernel_available("etcd_bulk_deletion_is_held_until_approved") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins, dir, _etcd, d, peers) = setup(37, "grace_ms = 1000\ngraceful_grace_ms = 1000");
     let server = p.b4(9);
     // 5 of 7 keys deleted at once: more than half, so the shrink guard holds.
@@ -198,9 +194,7 @@ fn etcdctl_tls(ns: &Ns, ip: IpAddr, t: &EtcdTls, user: Option<&str>, args: &str)
 
 #[test]
 fn etcd_over_tls_with_a_client_certificate_and_a_password() {
-    if !kernel_available("etcd_over_tls_with_a_client_certificate_and_a_password") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(57);
     let pins = PinDir::new();
     let dir = TempDir::new();

@@ -9,8 +9,8 @@ use std::{
 };
 
 use firewall_tests::{
-    Daemon, Pair, PinDir, TempDir, fwctl, fwctl_bin, fwctl_ok, kernel_available, sh_ok, wait_for,
-    write_peers, write_raw,
+    Daemon, Pair, PinDir, TempDir, fwctl, fwctl_bin, fwctl_ok, sh_ok, wait_for, write_peers,
+    write_raw,
 };
 
 /// The unprivileged user the attacker and the least-privileged operator run as.
@@ -47,9 +47,7 @@ fn mode_of(p: &Path) -> u32 {
 
 #[test]
 fn a_pin_dir_another_user_made_first_is_refused() {
-    if !kernel_available("a_pin_dir_another_user_made_first_is_refused") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(61);
     let pins = PinDir::new();
     // bpffs is 1777: anyone can make the directory before root's first attach.
@@ -97,11 +95,7 @@ fn a_pin_dir_another_user_made_first_is_refused() {
 
 #[test]
 fn non_root_with_capabilities_is_told_who_owns_the_pins_and_works_on_its_own() {
-    if !kernel_available(
-        "non_root_with_capabilities_is_told_who_owns_the_pins_and_works_on_its_own",
-    ) {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(62);
     let pins = PinDir::new();
     fwctl_ok(&p.a, &pins, &format!("attach --iface {}", p.a_if));
@@ -126,9 +120,7 @@ fn non_root_with_capabilities_is_told_who_owns_the_pins_and_works_on_its_own() {
 
 #[test]
 fn broad_prefixes_need_intent_and_mapped_addresses_are_ipv4() {
-    if !kernel_available("broad_prefixes_need_intent_and_mapped_addresses_are_ipv4") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(63);
     let pins = PinDir::new();
     fwctl_ok(&p.a, &pins, &format!("attach --iface {}", p.a_if));
@@ -166,9 +158,7 @@ fn broad_prefixes_need_intent_and_mapped_addresses_are_ipv4() {
 
 #[test]
 fn stats_and_peers_without_a_pin_dir_exit_4() {
-    if !kernel_available("stats_and_peers_without_a_pin_dir_exit_4") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(64);
     let pins = PinDir::new();
     for args in ["stats", "peers list", "status"] {
@@ -255,9 +245,7 @@ fn exits_with(d: &mut Daemon, code: i32, needle: &str) {
 
 #[test]
 fn one_controller_per_state_dir_and_per_pin_dir_however_spelled() {
-    if !kernel_available("one_controller_per_state_dir_and_per_pin_dir_however_spelled") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(65);
     let pins = PinDir::new();
     let dir = TempDir::new();
@@ -284,9 +272,7 @@ fn one_controller_per_state_dir_and_per_pin_dir_however_spelled() {
 
 #[test]
 fn a_state_dir_others_can_write_is_refused() {
-    if !kernel_available("a_state_dir_others_can_write_is_refused") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let lab = FileLab::new(66, true);
     let FileLab { p, state, cfg, .. } = &lab;
     std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -315,9 +301,7 @@ fn rss_kib(pid: i32, field: &str) -> u64 {
 
 #[test]
 fn an_idle_daemon_sleeps_and_logs_a_broken_file_once() {
-    if !kernel_available("an_idle_daemon_sleeps_and_logs_a_broken_file_once") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let lab = FileLab::new(67, true);
     let FileLab {
         p, src, state, cfg, ..
@@ -371,9 +355,7 @@ fn an_idle_daemon_sleeps_and_logs_a_broken_file_once() {
 
 #[test]
 fn a_fifo_or_a_device_at_the_discovery_path_fails_and_sigterm_still_works() {
-    if !kernel_available("a_fifo_or_a_device_at_the_discovery_path_fails_and_sigterm_still_works") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let lab = FileLab::new(68, false);
     let FileLab {
         p, src, state, cfg, ..
@@ -421,11 +403,7 @@ fn a_fifo_or_a_device_at_the_discovery_path_fails_and_sigterm_still_works() {
 
 #[test]
 fn a_million_peer_file_commits_within_the_memory_goal_and_sigterm_answers_during_the_read() {
-    if !kernel_available(
-        "a_million_peer_file_commits_within_the_memory_goal_and_sigterm_answers_during_the_read",
-    ) {
-        return;
-    }
+    firewall_tests::require_kernel!();
     const N: u32 = 1_000_000;
     let p = Pair::new(69);
     let pins = PinDir::new();
@@ -508,9 +486,7 @@ fn a_million_peer_file_commits_within_the_memory_goal_and_sigterm_answers_during
 
 #[test]
 fn a_source_that_never_answers_is_stalled_and_freezes_deletions() {
-    if !kernel_available("a_source_that_never_answers_is_stalled_and_freezes_deletions") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let lab = FileLab::new(70, true);
     let FileLab { p, state, cfg, .. } = &lab;
     // Every read of the file hangs, as on a dead NFS server: the source

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use firewall_tests::{
-    kernel_available,
     lab::{Lab, Mesh, node_ip, pair_totals},
     wait_for,
 };
@@ -50,9 +49,7 @@ fn no_loss(log: &[(u64, u8, u8, bool)], live: &[u8]) {
 
 #[test]
 fn serf_join_controller_kill_and_node_kill() {
-    if !kernel_available("serf_join_controller_kill_and_node_kill") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let mut lab = Lab::new(4, "grace_ms = 10000\ngraceful_grace_ms = 5000");
     for (k, seeds) in [(1u8, &[2u8, 3][..]), (2, &[1, 3]), (3, &[1, 2])] {
         lab.start_serf(k, seeds);
@@ -123,9 +120,7 @@ fn serf_join_controller_kill_and_node_kill() {
 
 #[test]
 fn serf_seed_incident_loses_no_packet() {
-    if !kernel_available("serf_seed_incident_loses_no_packet") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     // A short grace on purpose: the guards, not the grace, must hold.
     let mut lab = Lab::new(4, "grace_ms = 5000\ngraceful_grace_ms = 5000");
     for (k, seeds) in [
@@ -198,9 +193,7 @@ fn serf_seed_incident_loses_no_packet() {
 
 #[test]
 fn serf_partition_holds_and_heals() {
-    if !kernel_available("serf_partition_holds_and_heals") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let mut lab = Lab::new(4, "grace_ms = 120000\ngraceful_grace_ms = 60000");
     for (k, seeds) in [
         (1u8, &[2u8, 3, 4][..]),

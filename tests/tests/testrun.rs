@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use firewall_common::{GEN_NEVER, Reason};
 use firewall_tests::packet::{Ext, Frame, L4, arp};
-use firewall_tests::{Harness, XDP_DROP, XDP_PASS, kernel_available};
+use firewall_tests::{Harness, XDP_DROP, XDP_PASS};
 
 const PEER4: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 7);
 const STRANGER4: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 8);
@@ -38,9 +38,7 @@ fn expect(h: &Harness, f: &[u8], reason: Reason) {
 
 #[test]
 fn peers_v4_v6_hit_and_miss() {
-    if !kernel_available("peers_v4_v6_hit_and_miss") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = harness();
     expect(&h, &Frame::udp4(PEER4, 53).build(), Reason::Peer);
     expect(&h, &Frame::udp4(STRANGER4, 53).build(), Reason::DefaultDrop);
@@ -73,9 +71,7 @@ fn peers_v4_v6_hit_and_miss() {
 
 #[test]
 fn vlan_and_qinq() {
-    if !kernel_available("vlan_and_qinq") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = harness();
     expect(
         &h,
@@ -117,9 +113,7 @@ fn vlan_and_qinq() {
 
 #[test]
 fn ipv4_options_and_fragments() {
-    if !kernel_available("ipv4_options_and_fragments") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = harness();
     let mut f = Frame::udp4(PEER4, 53);
     f.v4_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
@@ -145,9 +139,7 @@ fn ipv4_options_and_fragments() {
 
 #[test]
 fn ipv6_extension_headers() {
-    if !kernel_available("ipv6_extension_headers") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = harness();
     let overlay6: Ipv6Addr = "2001:2:0:f009::9".parse().unwrap();
     let chain = [
@@ -208,9 +200,7 @@ fn ipv6_extension_headers() {
 
 #[test]
 fn arp_and_neighbour_discovery_always_pass() {
-    if !kernel_available("arp_and_neighbour_discovery_always_pass") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = harness();
     expect(&h, &arp(), Reason::NonIp);
     for typ in 133..=137 {
@@ -255,9 +245,7 @@ fn arp_and_neighbour_discovery_always_pass() {
 
 #[test]
 fn overlay_port_rules() {
-    if !kernel_available("overlay_port_rules") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = harness();
     let underlay = Ipv4Addr::new(198, 18, 200, 9);
     expect(&h, &Frame::udp4(underlay, 4789).build(), Reason::Overlay);
@@ -298,9 +286,7 @@ fn overlay_port_rules() {
 
 #[test]
 fn cidr_peers_follow_the_live_slot() {
-    if !kernel_available("cidr_peers_follow_the_live_slot") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let mut h = Harness::new();
     h.add_cidr(0, "198.19.4.0/24".parse().unwrap());
     h.add_cidr(1, "198.19.5.0/24".parse().unwrap());
@@ -323,9 +309,7 @@ fn cidr_peers_follow_the_live_slot() {
 
 #[test]
 fn generation_tags_decide_visibility() {
-    if !kernel_available("generation_tags_decide_visibility") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let mut h = Harness::new();
     let staged = Ipv4Addr::new(198, 19, 2, 1);
     let removed = Ipv4Addr::new(198, 19, 2, 2);
@@ -345,9 +329,7 @@ fn generation_tags_decide_visibility() {
 
 #[test]
 fn truncated_at_every_byte() {
-    if !kernel_available("truncated_at_every_byte") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = harness();
     let frames = [
         Frame::udp4(PEER4, 53).vlan(0x8100, 5).build(),
@@ -397,9 +379,7 @@ fn truncated_at_every_byte() {
 
 #[test]
 fn overlay_reads_back_from_the_loaded_program() {
-    if !kernel_available("overlay_reads_back_from_the_loaded_program") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let h = Harness::new();
     let rules = h.overlay();
     let path = std::env::var("FIREWALL_OVERLAY")
@@ -416,9 +396,7 @@ fn overlay_reads_back_from_the_loaded_program() {
 
 #[test]
 fn a_peer_past_a_full_home_bucket_is_found_by_following_spill() {
-    if !kernel_available("a_peer_past_a_full_home_bucket_is_found_by_following_spill") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let mut h = Harness::new();
     h.set_generation(3, [0, 0], [0, 0]);
     // Nine sources of 2001:2::/48 with the same home bucket: eight fill it,
@@ -463,9 +441,7 @@ fn a_peer_past_a_full_home_bucket_is_found_by_following_spill() {
 
 #[test]
 fn an_origin_change_keeps_two_versions_and_the_address_visible() {
-    if !kernel_available("an_origin_change_keeps_two_versions_and_the_address_visible") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     // Generation 5 is committed; 6 changes the origin of both peers: the old
     // versions are marked removed at 6, the new ones added at 6. Both before
     // and after the flip, exactly one version is visible.
@@ -487,9 +463,7 @@ fn an_origin_change_keeps_two_versions_and_the_address_visible() {
 
 #[test]
 fn the_verifier_keeps_three_quarters_of_its_budget() {
-    if !kernel_available("the_verifier_keeps_three_quarters_of_its_budget") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     // The kernel stops at 1M processed instructions. Unrolled bucket scans
     // inlined where packet pointers were still live once cost 490k: every
     // parse path walked them again. Keep a wide margin, so a change that

@@ -11,9 +11,7 @@ use std::{
     time::Duration,
 };
 
-use firewall_tests::{
-    Pair, PinDir, fwctl, fwctl_ok, kernel_available, sh_ok, tcp_connects, udp_delivered,
-};
+use firewall_tests::{Pair, PinDir, fwctl, fwctl_ok, sh_ok, tcp_connects, udp_delivered};
 
 const PORT: u16 = 5555; // not an overlay port
 
@@ -26,9 +24,7 @@ fn setup(net: u8) -> (Pair, PinDir) {
 
 #[test]
 fn allowed_and_disallowed_peers_v4_v6_udp_tcp_ping() {
-    if !kernel_available("allowed_and_disallowed_peers_v4_v6_udp_tcp_ping") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins) = setup(21);
     // firewall-ctl has exited: the pinned link keeps the program enforcing.
     assert!(!p.b.ping(p.b4(2), p.a4()), "default drop before any peer");
@@ -64,9 +60,7 @@ fn allowed_and_disallowed_peers_v4_v6_udp_tcp_ping() {
 
 #[test]
 fn peers_add_and_remove_take_effect_cidrs_included() {
-    if !kernel_available("peers_add_and_remove_take_effect_cidrs_included") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins) = setup(22);
     fwctl_ok(&p.a, &pins, &format!("peers add 198.18.{}.0/29", p.net));
     assert!(p.b.ping(p.b4(5), p.a4()), "inside the CIDR");
@@ -102,9 +96,7 @@ fn peers_add_and_remove_take_effect_cidrs_included() {
 
 #[test]
 fn bpftool_dump_shows_field_names() {
-    if !kernel_available("bpftool_dump_shows_field_names") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins) = setup(23);
     fwctl_ok(
         &p.a,
@@ -176,9 +168,7 @@ fn bpftool_dump_shows_field_names() {
 
 #[test]
 fn atomic_replace_keeps_peers_and_loses_no_packets() {
-    if !kernel_available("atomic_replace_keeps_peers_and_loses_no_packets") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins) = setup(24);
     fwctl_ok(&p.a, &pins, &format!("peers add {}", p.b4(2)));
     let before: serde_json::Value =
@@ -230,9 +220,7 @@ fn atomic_replace_keeps_peers_and_loses_no_packets() {
 
 #[test]
 fn detach_restores_traffic_and_reattach_keeps_peers() {
-    if !kernel_available("detach_restores_traffic_and_reattach_keeps_peers") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins) = setup(25);
     fwctl_ok(&p.a, &pins, &format!("peers add {}", p.b4(2)));
     assert!(!p.b.ping(p.b4(3), p.a4()));
@@ -260,9 +248,7 @@ fn detach_restores_traffic_and_reattach_keeps_peers() {
 /// which ones it passed.
 #[test]
 fn vlan_tagged_frames_on_the_wire() {
-    if !kernel_available("vlan_tagged_frames_on_the_wire") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let (p, pins) = setup(26);
     fwctl_ok(&p.a, &pins, &format!("peers add {} {}", p.b4(2), p.b6(2)));
     let (dmac, smac) = (
@@ -313,16 +299,14 @@ fn vlan_tagged_frames_on_the_wire() {
 
 #[test]
 fn another_tools_program_is_refused_without_force() {
-    if !kernel_available("another_tools_program_is_refused_without_force") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(27);
     let pins = PinDir::new();
     let foreign = PinDir::new();
     // Another tool's program: our pass_floor, loaded and attached by iproute2.
     std::fs::create_dir_all(&foreign.path).unwrap();
     {
-        let mut ebpf = aya::Ebpf::load(firewall_ctl::EBPF_OBJ).unwrap();
+        let mut ebpf = aya::Ebpf::load(firewall_tests::BENCH_OBJ).unwrap();
         let prog: &mut aya::programs::Xdp =
             ebpf.program_mut("pass_floor").unwrap().try_into().unwrap();
         prog.load().unwrap();
@@ -348,9 +332,7 @@ fn another_tools_program_is_refused_without_force() {
 
 #[test]
 fn a_full_map_is_refused_before_the_flip() {
-    if !kernel_available("a_full_map_is_refused_before_the_flip") {
-        return;
-    }
+    firewall_tests::require_kernel!();
     let p = Pair::new(28);
     let pins = PinDir::new();
     fwctl_ok(

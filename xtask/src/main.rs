@@ -61,7 +61,7 @@ fn build_release() -> anyhow::Result<()> {
             "-p",
             "firewall-ctl",
             "-p",
-            "firewall-tests",
+            "firewall-lab",
             "--bins",
         ]),
     )
@@ -84,6 +84,7 @@ const TESTED: &[&str] = &[
     "firewall-sim",
     "firewall-ctl",
     "firewall-tests",
+    "firewall-lab",
     "xtask",
 ];
 

@@ -1,0 +1,42 @@
+//! Benchmark baselines, compiled only with the `bench` feature (the lab's
+//! object). They share the firewall's maps and helpers so a benchmark measures
+//! them in the same object and the same run as `firewall`.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::HashMap,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use network_types::eth::EthHdr;
+
+use super::ptr_at;
+
+const BPF_F_NO_PREALLOC: usize = 1;
+
+// Only for the `lookup_floor` benchmark baseline: a kernel hash map of sources.
+#[btf_map]
+static HASH_FLOOR: HashMap<[u8; 4], u32, 16_384, BPF_F_NO_PREALLOC> = HashMap::new();
+
+/// The benchmark floor: the cheapest possible XDP program, measured in the same
+/// run as `firewall` so ratios survive machine drift.
+#[xdp]
+pub fn pass_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Benchmark baseline: parse nothing but the IPv4 source at a fixed offset and
+/// do one `BPF_MAP_TYPE_HASH` lookup of it: what any source filter built on the
+/// kernel's hash map costs at least, shown next to ours in the benchmark.
+#[xdp]
+pub fn lookup_floor(ctx: XdpContext) -> u32 {
+    let Some(p) = ptr_at::<[u8; 4]>(&ctx, EthHdr::LEN + 12) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: `p` came from ptr_at, which checked it lies within the packet.
+    if HASH_FLOOR.get_ptr(unsafe { &*p }).is_some() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}

@@ -1,0 +1,173 @@
+//! BPF_PROG_TEST_RUN over a fresh, unpinned copy of the program with its own
+//! maps.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf, EbpfLoader, TestRunOptions,
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::{TestRun as _, Xdp},
+};
+use firewall_common::{CidrVal, Control, Counters, PeerVal, Reason};
+use firewall_ctl::datapath::table::{Table, V4, V6};
+
+/// A fresh, unpinned copy of the program with its own maps, for TEST_RUN.
+pub struct Harness {
+    pub ebpf: Ebpf,
+    pub v4: Table<V4>,
+    pub v6: Table<V6>,
+}
+
+/// Hash seeds for unpinned test copies (a pin directory draws its own).
+pub const TEST_SEED: [u64; 4] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0x85eb_ca77_c2b2_ae63,
+];
+
+/// Map both exact-peer tables of an object whose programs are already loaded
+/// (this takes the maps out of `ebpf`, closing its fds: a program loaded later
+/// could not reference them).
+pub fn peer_tables(ebpf: &mut Ebpf) -> (Table<V4>, Table<V6>) {
+    let mut take = |name: &str| -> (aya::maps::MapData, u32) {
+        match ebpf.take_map(name).expect("peer table") {
+            aya::maps::Map::Array(d) => {
+                let n = d.info().expect("map info").max_entries();
+                (d, n)
+            }
+            _ => panic!("{name} is not an array"),
+        }
+    };
+    let (d4, n4) = take("PEERS_V4");
+    let (d6, n6) = take("PEERS_V6");
+    (
+        Table::mmap(std::os::fd::AsFd::as_fd(d4.fd()), n4, TEST_SEED).expect("mmap PEERS_V4"),
+        Table::mmap(std::os::fd::AsFd::as_fd(d6.fd()), n6, TEST_SEED).expect("mmap PEERS_V6"),
+    )
+}
+
+/// The control word a test copy runs with: its seeds and table sizes.
+pub fn test_control(v4: &Table<V4>, v6: &Table<V6>) -> Control {
+    Control {
+        hash_seed: TEST_SEED,
+        bucket_mask: [v4.buckets() - 1, v6.buckets() - 1],
+        ..Default::default()
+    }
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        let mut ebpf = EbpfLoader::new()
+            .load(firewall_ctl::EBPF_OBJ)
+            .expect("load object");
+        let p: &mut Xdp = ebpf.program_mut("firewall").unwrap().try_into().unwrap();
+        p.load().expect("verifier accepts the program");
+        let (v4, v6) = peer_tables(&mut ebpf);
+        Harness { ebpf, v4, v6 }
+    }
+    pub fn prog(&self) -> &Xdp {
+        self.ebpf.program("firewall").unwrap().try_into().unwrap()
+    }
+    pub fn set_generation(&mut self, generation: u64, cidr4: [u32; 2], cidr6: [u32; 2]) {
+        let mut m: Array<_, Control> = self.ebpf.map_mut("CTRL").unwrap().try_into().unwrap();
+        m.set(
+            0,
+            Control {
+                committed_gen: generation,
+                cidr4_count: cidr4,
+                cidr6_count: cidr6,
+                ..test_control(&self.v4, &self.v6)
+            },
+            0,
+        )
+        .unwrap();
+    }
+    pub fn add_exact(&mut self, addr: IpAddr, added: u64, removed: u64) {
+        let v = PeerVal {
+            added_gen: added,
+            removed_gen: removed,
+            hits: 0,
+            origin: 1,
+            _pad: 0,
+        };
+        match addr {
+            IpAddr::V4(a) => self.v4.insert(a.octets(), v).map(drop),
+            IpAddr::V6(a) => self.v6.insert(a.octets(), v).map(drop),
+        }
+        .expect("a free slot");
+    }
+    pub fn add_cidr(&mut self, slot: usize, net: ipnet::IpNet) {
+        let v = CidrVal { origin: 1, _pad: 0 };
+        match net {
+            ipnet::IpNet::V4(n) => {
+                let mut m: LpmTrie<_, [u8; 4], CidrVal> = self
+                    .ebpf
+                    .map_mut(["CIDR4_0", "CIDR4_1"][slot])
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                m.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), v, 0)
+                    .unwrap();
+            }
+            ipnet::IpNet::V6(n) => {
+                let mut m: LpmTrie<_, [u8; 16], CidrVal> = self
+                    .ebpf
+                    .map_mut(["CIDR6_0", "CIDR6_1"][slot])
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                m.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), v, 0)
+                    .unwrap();
+            }
+        }
+    }
+    pub fn counters(&self) -> Counters {
+        let m: PerCpuArray<_, Counters> = self.ebpf.map("COUNTERS").unwrap().try_into().unwrap();
+        let mut t = Counters::default();
+        for c in m.get(&0, 0).unwrap().iter() {
+            t.add(c);
+        }
+        t
+    }
+    /// Run one frame: (XDP action, the reason whose counter moved).
+    pub fn run(&self, pkt: &[u8]) -> (u32, Reason) {
+        let before = self.counters();
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = self
+            .prog()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test_run");
+        let after = self.counters();
+        let moved: Vec<Reason> = Reason::ALL
+            .into_iter()
+            .filter(|r| after.get(*r) != before.get(*r))
+            .collect();
+        assert_eq!(
+            moved.len(),
+            1,
+            "exactly one counter moves per packet, got {moved:?}"
+        );
+        (r.return_value, moved[0])
+    }
+    /// The overlay table, read back from the loaded program.
+    pub fn overlay(&self) -> Vec<firewall_common::OverlayRule> {
+        firewall_ctl::datapath::status::overlay_of(&self.prog().info().unwrap())
+            .expect("overlay table")
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
