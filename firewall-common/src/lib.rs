@@ -10,12 +10,13 @@
 extern crate std;
 
 pub mod classify;
+pub mod flow;
 #[cfg(feature = "overlay-toml")]
 pub mod overlay_toml;
 
 /// Bumped whenever a pinned map's key or value layout changes. A pin directory
 /// holding maps of another ABI is refused instead of being silently reused.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 /// `CTRL.magic`: "FWC1" in ASCII, so a hex dump shows what the map is.
 pub const CTRL_MAGIC: u32 = u32::from_be_bytes(*b"FWC1");
 
@@ -32,10 +33,30 @@ pub mod names {
     pub const CIDR6_1: &str = "CIDR6_1";
     pub const CTRL: &str = "CTRL";
     pub const COUNTERS: &str = "COUNTERS";
-    /// Maps shared by every interface of one pin directory: one fleet allowlist.
-    pub const SHARED: [&str; 7] = [PEERS_V4, PEERS_V6, CIDR4_0, CIDR4_1, CIDR6_0, CIDR6_1, CTRL];
+    /// The node's own flows, recorded on egress, whose replies pass.
+    pub const FLOWS: &str = "FLOWS";
+    /// Drop events for `firewall-ctl monitor`.
+    pub const EVENTS: &str = "EVENTS";
+    /// The per-CPU token buckets that rate-limit `EVENTS`.
+    pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    /// Maps shared by every interface of one pin directory: one fleet
+    /// allowlist, one flow table, one event stream.
+    pub const SHARED: [&str; 10] = [
+        PEERS_V4,
+        PEERS_V6,
+        CIDR4_0,
+        CIDR4_1,
+        CIDR6_0,
+        CIDR6_1,
+        CTRL,
+        FLOWS,
+        EVENTS,
+        EVENT_BUCKET,
+    ];
     /// The XDP program's function name.
     pub const PROGRAM: &str = "firewall";
+    /// The TC egress program that records the node's own flows.
+    pub const EGRESS_PROGRAM: &str = "egress";
 }
 
 /// Default capacities. `--max-peers` sets the peer tables' size at attach.
@@ -215,7 +236,20 @@ pub struct Control {
     /// a power of two): the datapath reads them here rather than having the
     /// table size compiled in, since `--max-peers` sets it at attach.
     pub bucket_mask: [u32; 2],
-    pub _pad: u64,
+    /// `flow::POLICY_ENFORCE` or `flow::POLICY_OBSERVE`. Written alone with
+    /// one aligned 4-byte store (`firewall-ctl policy`), read by the datapath
+    /// only on the drop path: every interface of the pin directory switches
+    /// at once, with no reload.
+    pub policy: u32,
+    /// 1: pass replies to the node's own flows (the default); 0: the pure
+    /// allowlist (`attach --replies off`).
+    pub replies: u32,
+    /// Drop events per second per CPU; 0 turns events off.
+    pub event_rate: u32,
+    pub _pad: u32,
+    /// Idle timeouts of a flow, indexed by `flow::timeout_index`: TCP, UDP,
+    /// ICMP/ICMPv6 echo.
+    pub flow_timeout_ns: [u64; 3],
 }
 
 /// Per-CPU counters, one per verdict reason.
@@ -227,9 +261,24 @@ pub struct Counters {
     pub peer: u64,
     pub nonip: u64,
     pub neighbour: u64,
+    pub reply: u64,
     pub default_drop: u64,
     pub malformed: u64,
+    /// Observe mode: packets that passed but enforce would have dropped, by
+    /// reason. Their index is the reason's plus [`WOULD_DROP_OFFSET`].
+    pub would_drop_default: u64,
+    pub would_drop_malformed: u64,
+    /// Drop events written to `EVENTS`, and those the rate limit (or a full
+    /// ring) suppressed.
+    pub events: u64,
+    pub events_suppressed: u64,
 }
+
+/// `Counters` index of a would-drop count: the drop reason's index plus this.
+pub const WOULD_DROP_OFFSET: usize = 2;
+/// `Counters` indices of the event counts.
+pub const COUNTER_EVENTS: usize = 9;
+pub const COUNTER_EVENTS_SUPPRESSED: usize = 10;
 
 impl Counters {
     pub fn add(&mut self, o: &Counters) {
@@ -237,8 +286,13 @@ impl Counters {
         self.peer += o.peer;
         self.nonip += o.nonip;
         self.neighbour += o.neighbour;
+        self.reply += o.reply;
         self.default_drop += o.default_drop;
         self.malformed += o.malformed;
+        self.would_drop_default += o.would_drop_default;
+        self.would_drop_malformed += o.would_drop_malformed;
+        self.events += o.events;
+        self.events_suppressed += o.events_suppressed;
     }
     pub fn get(&self, r: Reason) -> u64 {
         match r {
@@ -246,8 +300,17 @@ impl Counters {
             Reason::Peer => self.peer,
             Reason::NonIp => self.nonip,
             Reason::Neighbour => self.neighbour,
+            Reason::Reply => self.reply,
             Reason::DefaultDrop => self.default_drop,
             Reason::Malformed => self.malformed,
+        }
+    }
+    /// Packets of a drop reason that observe mode passed (0 for pass reasons).
+    pub fn would_drop(&self, r: Reason) -> u64 {
+        match r {
+            Reason::DefaultDrop => self.would_drop_default,
+            Reason::Malformed => self.would_drop_malformed,
+            _ => 0,
         }
     }
 }
@@ -260,23 +323,26 @@ pub enum Reason {
     Peer,
     NonIp,
     Neighbour,
+    /// A reply to one of the node's own flows, or an ICMP error about one.
+    Reply,
     DefaultDrop,
     Malformed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Overlay,
         Reason::Peer,
         Reason::NonIp,
         Reason::Neighbour,
+        Reason::Reply,
         Reason::DefaultDrop,
         Reason::Malformed,
     ];
     pub fn passes(self) -> bool {
         matches!(
             self,
-            Reason::Overlay | Reason::Peer | Reason::NonIp | Reason::Neighbour
+            Reason::Overlay | Reason::Peer | Reason::NonIp | Reason::Neighbour | Reason::Reply
         )
     }
     pub fn name(self) -> &'static str {
@@ -285,6 +351,7 @@ impl Reason {
             Reason::Peer => "peer",
             Reason::NonIp => "nonip",
             Reason::Neighbour => "neighbour",
+            Reason::Reply => "reply",
             Reason::DefaultDrop => "default_drop",
             Reason::Malformed => "malformed",
         }
@@ -387,6 +454,14 @@ mod pod {
     unsafe impl aya::Pod for super::LpmKeyV4 {}
     // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::LpmKeyV6 {}
+    // SAFETY: as for Bucket4.
+    unsafe impl aya::Pod for super::flow::FlowKey {}
+    // SAFETY: as for Bucket4.
+    unsafe impl aya::Pod for super::flow::FlowVal {}
+    // SAFETY: as for Bucket4.
+    unsafe impl aya::Pod for super::flow::DropEvent {}
+    // SAFETY: as for Bucket4.
+    unsafe impl aya::Pod for super::flow::EventBucket {}
 }
 
 // Layout asserts: a change here changes the kernel ABI and must bump ABI_VERSION.
@@ -399,8 +474,12 @@ const _: () = {
     assert!(size_of::<Bucket4>().is_multiple_of(8) && size_of::<Bucket6>().is_multiple_of(8));
     assert!(size_of::<PeerVal>() == 32);
     assert!(size_of::<CidrVal>() == 8);
-    assert!(size_of::<Control>() == 120);
-    assert!(size_of::<Counters>() == 48);
+    assert!(size_of::<Control>() == 152);
+    assert!(size_of::<Counters>() == 88);
+    assert!(size_of::<flow::FlowKey>() == 40);
+    assert!(size_of::<flow::FlowVal>() == 16);
+    assert!(size_of::<flow::DropEvent>() == 32 + flow::EVENT_CAPTURE);
+    assert!(size_of::<flow::EventBucket>() == 16);
     assert!(size_of::<OverlayRule>() == 24);
     assert!(size_of::<OverlayTable>() == 16 + 24 * OVERLAY_MAX);
 };

@@ -3,7 +3,13 @@
 //! Verdict order (the reference classifier in `firewall_common::classify` states
 //! the same rules over a byte slice and is differentially tested against this):
 //! malformed -> drop; non-IP -> pass; compiled-in overlay -> pass; committed
-//! peer (exact or CIDR) -> pass; IPv6 neighbour discovery -> pass; else drop.
+//! peer (exact or CIDR) -> pass; IPv6 neighbour discovery -> pass; a reply to
+//! one of the node's own live flows, or an ICMP error about one -> pass
+//! ([`reply`]); else drop.
+//!
+//! Beside it: the TC egress program that records those flows ([`egress`]),
+//! and the drop path's events and observe policy ([`events`]). The pass path
+//! touches none of them.
 //!
 //! Every packet-touching helper is `#[inline(always)]`: a non-inlined helper
 //! taking the context makes LLVM pass `data_end` in a register that the verifier
@@ -11,23 +17,33 @@
 #![no_std]
 #![no_main]
 
+mod egress;
+mod events;
+mod reply;
+
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use firewall_common::{
     Bucket4, Bucket6, CidrVal, Control, Counters, DEFAULT_MAX_PEERS, MAX_CIDRS, MAX_PROBE,
-    OVERLAY_MAGIC, OverlayRule, OverlayTable, PEERS_PER_BUCKET, Reason, SLOTS, hash4, hash6,
+    OVERLAY_MAGIC, OverlayRule, OverlayTable, PEERS_PER_BUCKET, Reason, SLOTS,
+    flow::{DEFAULT_MAX_FLOWS, DropEvent, EventBucket, FAMILY_V4, FAMILY_V6, FlowKey, FlowVal},
+    hash4, hash6,
 };
 
 // `firewall()` indexes the counters by reason; pin the enum to that order.
 const _: () = {
     assert!(Reason::Overlay as u32 == 0 && Reason::Peer as u32 == 1);
     assert!(Reason::NonIp as u32 == 2 && Reason::Neighbour as u32 == 3);
-    assert!(Reason::DefaultDrop as u32 == 4 && Reason::Malformed as u32 == 5);
+    assert!(Reason::Reply as u32 == 4);
+    assert!(Reason::DefaultDrop as u32 == 5 && Reason::Malformed as u32 == 6);
+    assert!(core::mem::size_of::<Counters>() == 8 * COUNTER_SLOTS);
 };
+/// `Counters` is this many u64s, indexed by reason (and see events.rs).
+const COUNTER_SLOTS: usize = 11;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -62,31 +78,61 @@ static CIDR6_1: LpmTrie<[u8; 16], CidrVal, { MAX_CIDRS as usize }> = LpmTrie::ne
 static CTRL: Array<Control, 1, BPF_F_MMAPABLE> = Array::new();
 #[btf_map]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
+// The node's own flows, written by the TC egress program, read by the reply
+// rule. LRU: a full table forgets the least recently used flow. Its size is
+// the default; attach sets it from --max-flows.
+#[btf_map]
+static FLOWS: LruHashMap<FlowKey, FlowVal, { DEFAULT_MAX_FLOWS as usize }> = LruHashMap::new();
+// Where classify left off for a packet it would drop (see reply::remember).
+#[btf_map]
+static PARSED: PerCpuArray<reply::Parsed, 1> = PerCpuArray::new();
+// Drop events for `firewall-ctl monitor`: 1 MiB holds about 6,000 of them.
+#[btf_map]
+static EVENTS: RingBuf<DropEvent, { 1 << 20 }> = RingBuf::new();
+// The events' per-CPU token buckets.
+#[btf_map]
+static EVENT_BUCKET: PerCpuArray<EventBucket, 1> = PerCpuArray::new();
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 
 #[xdp]
 pub fn firewall(ctx: XdpContext) -> u32 {
-    let reason = classify(&ctx);
-    if let Some(c) = COUNTERS.get_ptr_mut(0) {
-        // `Counters` is six u64s in `Reason` order, so the reason is the index:
-        // one add instead of a branch per reason. Per-CPU slot: no atomics.
-        // SAFETY: `c` is this CPU's Counters value; `reason as usize` < 6 = its u64 count.
-        unsafe { *(c as *mut u64).add(reason as usize) += 1 };
+    let mut reason = classify(&ctx);
+    // The reply rule runs here, after classify has returned, not inside its
+    // parse paths: at this point only the reason is live, so the verifier
+    // checks the rule once instead of once per parse path (inside classify
+    // it exceeded the verifier's 1M-instruction budget).
+    if reason as u32 == Reason::DefaultDrop as u32 && reply::check(&ctx) {
+        reason = Reason::Reply;
     }
-    if reason as u32 <= Reason::Neighbour as u32 {
+    if reason as u32 <= Reason::Reply as u32 {
+        count(reason as usize);
         xdp_action::XDP_PASS
     } else {
         if reason as u32 == Reason::Malformed as u32 {
             anchor_overlay_table();
         }
-        xdp_action::XDP_DROP
+        events::drop_path(&ctx, reason)
+    }
+}
+
+/// Add one to this CPU's counter `idx` (`Counters` as u64s: the reason is
+/// the index, so one add instead of a branch per reason). Per-CPU: no atomics.
+#[inline(always)]
+fn count(idx: usize) {
+    if idx >= COUNTER_SLOTS {
+        return;
+    }
+    if let Some(c) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: `c` is this CPU's Counters value, `idx` < its u64 count.
+        unsafe { *(c as *mut u64).add(idx) += 1 };
     }
 }
 
@@ -293,6 +339,7 @@ fn classify_v4(ctx: &XdpContext, off: usize) -> Reason {
     if hit.is_some() {
         return Reason::Peer;
     }
+    reply::remember(ctx, off, off + ihl, proto, later_fragment, FAMILY_V4);
     Reason::DefaultDrop
 }
 
@@ -401,6 +448,7 @@ fn classify_v6(ctx: &XdpContext, off: usize) -> Reason {
     if neighbour {
         return Reason::Neighbour;
     }
+    reply::remember(ctx, off, l4, next, later_fragment, FAMILY_V6);
     Reason::DefaultDrop
 }
 

@@ -9,7 +9,7 @@ use firewall_common::{
     GEN_NEVER,
     classify::{PeerLookup, classify},
 };
-use firewall_tests::{Harness, XDP_ABORTED, XDP_PASS};
+use firewall_tests::{FlowSet, Harness, XDP_ABORTED, XDP_PASS, flow_key};
 use libfuzzer_sys::fuzz_target;
 
 const GEN: u64 = 4;
@@ -41,9 +41,27 @@ fn visible(a: IpAddr) -> bool {
         .any(|(p, add, rm)| p.parse::<IpAddr>().unwrap() == a && *add <= GEN && GEN < *rm)
 }
 
+/// Live flows from the node (198.18.0.1 / 2001:2::1, port 40000 or echo id
+/// 77) to 198.18.7.9 / 2001:2:0:7::9 (port 53): replies and ICMP errors
+/// about them pass.
+fn flows() -> Vec<firewall_common::flow::FlowKey> {
+    let mut v = Vec::new();
+    for (l, r, icmp) in [
+        ("198.18.0.1", "198.18.7.9", 1u8),
+        ("2001:2::1", "2001:2:0:7::9", 58),
+    ] {
+        let (l, r): (IpAddr, IpAddr) = (l.parse().unwrap(), r.parse().unwrap());
+        v.push(flow_key(17, l, 40000, r, 53));
+        v.push(flow_key(6, l, 40000, r, 53));
+        v.push(flow_key(icmp, l, 77, r, 0));
+    }
+    v
+}
+
+type State = (Harness, Vec<firewall_common::OverlayRule>, FlowSet);
+
 thread_local! {
-    static H: RefCell<Option<(Harness, Vec<firewall_common::OverlayRule>)>> =
-        const { RefCell::new(None) };
+    static H: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -53,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
     }
     H.with(|h| {
         let mut h = h.borrow_mut();
-        let (h, overlay) = h.get_or_insert_with(|| {
+        let (h, overlay, live) = h.get_or_insert_with(|| {
             let mut h = Harness::new();
             for (p, add, rm) in PEERS {
                 h.add_exact(p.parse().unwrap(), add, rm);
@@ -61,10 +79,15 @@ fuzz_target!(|data: &[u8]| {
             h.add_cidr(0, "198.19.9.0/24".parse().unwrap());
             h.add_cidr(0, "2001:2:0:9::/64".parse().unwrap());
             h.set_generation(GEN, [1, 0], [1, 0]);
+            let mut live = FlowSet::default();
+            for k in flows() {
+                h.add_flow(k, 0);
+                live.0.insert(k);
+            }
             let overlay = h.overlay();
-            (h, overlay)
+            (h, overlay, live)
         });
-        let want = classify(data, overlay, &Reference);
+        let want = classify(data, overlay, &Reference, live);
         let (action, got) = h.run(data);
         assert_ne!(action, XDP_ABORTED);
         assert_eq!(got, want, "frame {data:02x?}");

@@ -5,10 +5,13 @@ use std::net::IpAddr;
 
 use aya::{
     Ebpf, EbpfLoader, TestRunOptions,
-    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{TestRun as _, Xdp},
 };
-use firewall_common::{CidrVal, Control, Counters, PeerVal, Reason};
+use firewall_common::{
+    CidrVal, Control, Counters, PeerVal, Reason,
+    flow::{FlowKey, FlowVal},
+};
 use firewall_ctl::datapath::table::{Table, V4, V6};
 
 /// A fresh, unpinned copy of the program with its own maps, for TEST_RUN.
@@ -47,13 +50,23 @@ pub fn peer_tables(ebpf: &mut Ebpf) -> (Table<V4>, Table<V6>) {
     )
 }
 
-/// The control word a test copy runs with: its seeds and table sizes.
+/// The control word a test copy runs with: its seeds and table sizes, the
+/// reply rule on (as in production) with an hour's timeout for every
+/// protocol, enforce, and no drop events (a test that wants them sets a
+/// rate).
 pub fn test_control(v4: &Table<V4>, v6: &Table<V6>) -> Control {
     Control {
         hash_seed: TEST_SEED,
         bucket_mask: [v4.buckets() - 1, v6.buckets() - 1],
+        replies: 1,
+        flow_timeout_ns: [3_600_000_000_000; 3],
         ..Default::default()
     }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    firewall_ctl::datapath::flows::monotonic_ns()
 }
 
 impl Harness {
@@ -70,18 +83,45 @@ impl Harness {
         self.ebpf.program("firewall").unwrap().try_into().unwrap()
     }
     pub fn set_generation(&mut self, generation: u64, cidr4: [u32; 2], cidr6: [u32; 2]) {
+        self.set_control(|c| {
+            c.committed_gen = generation;
+            c.cidr4_count = cidr4;
+            c.cidr6_count = cidr6;
+        });
+    }
+    /// Change the control word (starting from what it holds, or the test
+    /// defaults when it is still zero).
+    pub fn set_control(&mut self, f: impl FnOnce(&mut Control)) {
         let mut m: Array<_, Control> = self.ebpf.map_mut("CTRL").unwrap().try_into().unwrap();
-        m.set(
-            0,
-            Control {
-                committed_gen: generation,
-                cidr4_count: cidr4,
-                cidr6_count: cidr6,
-                ..test_control(&self.v4, &self.v6)
+        let mut c = m.get(&0, 0).unwrap();
+        if c.hash_seed == [0; 4] {
+            c = test_control(&self.v4, &self.v6);
+        }
+        f(&mut c);
+        m.set(0, c, 0).unwrap();
+    }
+    /// Record a flow as the egress program would, last seen `idle_ns` ago.
+    pub fn add_flow(&mut self, key: FlowKey, idle_ns: u64) {
+        let mut m: HashMap<_, FlowKey, FlowVal> =
+            self.ebpf.map_mut("FLOWS").unwrap().try_into().unwrap();
+        let t = monotonic_ns().saturating_sub(idle_ns);
+        m.insert(
+            key,
+            FlowVal {
+                first_seen_ns: t,
+                last_seen_ns: t,
             },
             0,
         )
         .unwrap();
+    }
+    pub fn clear_flows(&mut self) {
+        let mut m: HashMap<_, FlowKey, FlowVal> =
+            self.ebpf.map_mut("FLOWS").unwrap().try_into().unwrap();
+        let keys: Vec<FlowKey> = m.keys().flatten().collect();
+        for k in keys {
+            let _ = m.remove(&k);
+        }
     }
     pub fn add_exact(&mut self, addr: IpAddr, added: u64, removed: u64) {
         let v = PeerVal {
@@ -130,7 +170,8 @@ impl Harness {
         }
         t
     }
-    /// Run one frame: (XDP action, the reason whose counter moved).
+    /// Run one frame: (XDP action, the reason whose counter moved, or whose
+    /// would-drop counter moved in observe mode).
     pub fn run(&self, pkt: &[u8]) -> (u32, Reason) {
         let before = self.counters();
         let mut out = vec![0u8; pkt.len() + 256];
@@ -146,7 +187,9 @@ impl Harness {
         let after = self.counters();
         let moved: Vec<Reason> = Reason::ALL
             .into_iter()
-            .filter(|r| after.get(*r) != before.get(*r))
+            .filter(|r| {
+                after.get(*r) + after.would_drop(*r) != before.get(*r) + before.would_drop(*r)
+            })
             .collect();
         assert_eq!(
             moved.len(),
@@ -171,3 +214,45 @@ impl Default for Harness {
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+
+/// A flow as the egress program records it, from the node's side.
+pub fn flow_key(
+    proto: u8,
+    local: IpAddr,
+    local_port: u16,
+    remote: IpAddr,
+    remote_port: u16,
+) -> FlowKey {
+    let (family, l, r) = match (local, remote) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => {
+            let mut a = [0u8; 16];
+            let mut b = [0u8; 16];
+            a[..4].copy_from_slice(&l.octets());
+            b[..4].copy_from_slice(&r.octets());
+            (firewall_common::flow::FAMILY_V4, a, b)
+        }
+        (IpAddr::V6(l), IpAddr::V6(r)) => {
+            (firewall_common::flow::FAMILY_V6, l.octets(), r.octets())
+        }
+        _ => panic!("a flow's ends are of one family"),
+    };
+    FlowKey {
+        remote: r,
+        local: l,
+        remote_port,
+        local_port,
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// The reference classifier's view of a flow table: the live flows.
+#[derive(Default)]
+pub struct FlowSet(pub std::collections::HashSet<FlowKey>);
+
+impl firewall_common::classify::FlowLookup for FlowSet {
+    fn is_live(&self, key: &FlowKey) -> bool {
+        self.0.contains(key)
+    }
+}

@@ -5,10 +5,27 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Udp { sport: u16, dport: u16 },
-    Tcp { sport: u16, dport: u16 },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Tcp {
+        sport: u16,
+        dport: u16,
+    },
     Icmp,
-    Icmpv6 { typ: u8 },
+    Icmpv6 {
+        typ: u8,
+    },
+    /// Any ICMP (IPv4) or ICMPv6 (IPv6) message: type, code, the 4 bytes
+    /// after the checksum (echo id and sequence, or the MTU of "fragmentation
+    /// needed" / "packet too big"), and a body (an error's embedded packet).
+    IcmpMsg {
+        typ: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: Vec<u8>,
+    },
     Other(u8),
 }
 
@@ -25,6 +42,13 @@ impl L4 {
                 }
             }
             L4::Icmpv6 { .. } => 58,
+            L4::IcmpMsg { .. } => {
+                if v6 {
+                    58
+                } else {
+                    1
+                }
+            }
             L4::Other(p) => *p,
         }
     }
@@ -43,6 +67,17 @@ impl L4 {
             }
             L4::Icmp => vec![8, 0, 0, 0, 0, 1, 0, 1],
             L4::Icmpv6 { typ } => vec![*typ, 0, 0, 0, 0, 0, 0, 0],
+            L4::IcmpMsg {
+                typ,
+                code,
+                rest,
+                body,
+            } => {
+                let mut b = vec![*typ, *code, 0, 0];
+                b.extend_from_slice(rest);
+                b.extend_from_slice(body);
+                b
+            }
             L4::Other(_) => vec![0; 8],
         }
     }
@@ -121,6 +156,11 @@ impl Frame {
     pub fn payload(mut self, n: usize) -> Frame {
         self.payload = n;
         self
+    }
+
+    /// The packet from its IP header on, as an ICMP error embeds it.
+    pub fn ip_bytes(&self) -> Vec<u8> {
+        self.build()[14 + 4 * self.vlans.len()..].to_vec()
     }
 
     pub fn build(&self) -> Vec<u8> {

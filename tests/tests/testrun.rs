@@ -367,7 +367,12 @@ fn truncated_at_every_byte() {
         // TEST_RUN refuses frames shorter than an Ethernet header (EINVAL).
         for len in 14..=f.len() {
             let cut = &f[..len];
-            let want = firewall_common::classify::classify(cut, &overlay, &P);
+            let want = firewall_common::classify::classify(
+                cut,
+                &overlay,
+                &P,
+                &firewall_common::classify::NoFlows,
+            );
             let (action, got) = h.run(cut);
             assert_eq!(got, want, "cut at {len}: {cut:02x?}");
             assert_eq!(action == XDP_PASS, want.passes());

@@ -35,7 +35,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if let Some(e) = c.downcast_ref::<LockError>() {
             return match e {
-                LockError::Busy { .. } => REFUSED,
+                LockError::Busy { .. } | LockError::MonitorBusy(_) => REFUSED,
                 LockError::Unsafe(u) => unsafe_path_code(u),
                 LockError::Io { source, .. } => io_code(source),
             };
@@ -47,7 +47,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                     return NOT_FOUND;
                 }
                 AttachError::Layout(e) => return layout_code(e),
-                AttachError::Foreign { .. } | AttachError::Capacity { .. } => return REFUSED,
+                AttachError::Foreign { .. }
+                | AttachError::Capacity { .. }
+                | AttachError::FlowCapacity { .. } => return REFUSED,
                 AttachError::NotAttached { .. } => return NOT_FOUND,
                 _ => {}
             }

@@ -3,6 +3,7 @@
 //! README.md for the exit codes.
 
 pub mod exit;
+mod monitor;
 mod render;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -16,6 +17,7 @@ use crate::{
     daemon::{self, config::Config, contract::ControllerStatus},
     datapath::{
         attach::{self, Mode},
+        ctrl::Policy,
         status,
         store::KernelStore,
     },
@@ -58,7 +60,42 @@ enum Cmd {
         /// of locked kernel memory per unit, allocated up front.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
         max_peers: Option<u32>,
+        /// Capacity of the table of this node's own flows (an LRU: when full, the least
+        /// recently used flow goes, and a late reply to it drops); fixed when the pin
+        /// directory is created. Default 65536, about 90 B of kernel memory each.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+        max_flows: Option<u32>,
+        /// What to do with a packet the allowlist would drop: `enforce` drops it, `observe`
+        /// passes it and counts it as would-drop. Kept by the pin directory; default enforce.
+        #[arg(long, value_enum)]
+        policy: Option<Policy>,
+        /// Pass replies to this node's own connections (TCP, UDP, ping) and ICMP errors about
+        /// them. `off` is the pure allowlist. Kept by the pin directory; default on.
+        #[arg(long, value_name = "on|off", value_parser = on_off)]
+        replies: Option<bool>,
+        /// Idle timeouts of a flow in seconds, e.g. `tcp=3600,udp=120,icmp=30` (the defaults);
+        /// any subset. Kept by the pin directory.
+        #[arg(long, value_name = "PROTO=SECS,...", value_parser = flow_timeouts)]
+        flow_timeouts: Option<FlowTimeouts>,
+        /// Drop events per second per CPU for `monitor` (a token bucket in the kernel; what
+        /// it suppresses is counted); 0 turns events off. Default 1000, at most 1000000.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        event_rate: Option<u32>,
     },
+    /// Switch every interface of the pin directory between enforce and observe, with one
+    /// atomic store: no reload, no packet lost. Survives re-attach and restarts.
+    Policy {
+        #[arg(value_enum)]
+        policy: Policy,
+    },
+    /// The node's own flows whose replies pass: protocol, ends, age, idle time.
+    Flows {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream the dropped (or, in observe mode, would-drop) packets: one line each, JSON
+    /// lines, or a pcap file for tcpdump and Wireshark.
+    Monitor(monitor::MonitorArgs),
     /// Detach from an interface: the only way the compiled-in overlay allowlist stops applying.
     Detach {
         #[arg(long)]
@@ -157,6 +194,41 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `--flow-timeouts`: seconds per protocol, any subset.
+#[derive(Clone, Copy, Debug, Default)]
+struct FlowTimeouts([Option<u32>; 3]);
+
+fn flow_timeouts(s: &str) -> Result<FlowTimeouts, String> {
+    let mut t = FlowTimeouts::default();
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not PROTO=SECS (e.g. udp=120)"))?;
+        let i = match k.trim() {
+            "tcp" => 0,
+            "udp" => 1,
+            "icmp" => 2,
+            other => return Err(format!("unknown protocol `{other}`: use tcp, udp or icmp")),
+        };
+        let secs: u32 = v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|s| (1..=864_000).contains(s))
+            .ok_or_else(|| format!("`{v}` is not a number of seconds from 1 to 864000"))?;
+        t.0[i] = Some(secs);
+    }
+    Ok(t)
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}`: use on or off")),
+    }
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -171,8 +243,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             force,
             max_peers,
+            max_flows,
+            policy,
+            replies,
+            flow_timeouts,
+            event_rate,
         } => {
-            let r = attach::attach(&iface, mode, &pin_dir, force, max_peers)?;
+            let opts = attach::AttachOptions {
+                mode,
+                force,
+                max_peers,
+                max_flows,
+                policy,
+                replies,
+                flow_timeout_s: flow_timeouts.unwrap_or_default().0,
+                event_rate,
+            };
+            let r = attach::attach(&iface, &pin_dir, &opts)?;
             if r.replaced {
                 println!(
                     "replaced the firewall on {iface} atomically (program {}, link {}); peers kept",
@@ -187,6 +274,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Policy { policy } => {
+            sys::check_privileges()?;
+            let store = KernelStore::open(&pin_dir)?;
+            let mut s = store.settings();
+            let was = s.policy;
+            s.policy = policy;
+            store.set_settings(&s);
+            let n = status::interfaces(&pin_dir).len();
+            println!(
+                "policy {} (was {}) on every interface of {} ({n} attached)",
+                policy_name(policy),
+                policy_name(was),
+                pin_dir.display()
+            );
+        }
+        Cmd::Flows { json } => {
+            sys::check_privileges()?;
+            let rows = crate::datapath::flows::list(&pin_dir)?;
+            if json {
+                return print_json(&rows);
+            }
+            println!(
+                "{:<7} {:<40} {:<40} {:>9} {:>9} state",
+                "proto", "local", "remote", "age s", "idle s"
+            );
+            for r in &rows {
+                let end = |a: std::net::IpAddr, p: u16| match a {
+                    std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
+                    a => format!("{a}:{p}"),
+                };
+                println!(
+                    "{:<7} {:<40} {:<40} {:>9.1} {:>9.1} {}",
+                    r.proto,
+                    end(r.local, r.local_port),
+                    end(r.remote, r.remote_port),
+                    r.age_s,
+                    r.idle_s,
+                    if r.live { "live" } else { "expired" }
+                );
+            }
+            println!("{} flows", rows.len());
+        }
+        Cmd::Monitor(args) => return monitor::run(&pin_dir, &args),
         Cmd::Detach { iface, purge } => {
             let purged = attach::detach(&iface, &pin_dir, purge)?;
             println!(
@@ -409,10 +539,7 @@ fn stats(pin_dir: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::R
             return print_json(&m);
         }
         for (i, c) in &prev {
-            println!(
-                "{i}: overlay {} peer {} nonip {} neighbour {} default_drop {} malformed {}",
-                c.overlay, c.peer, c.nonip, c.neighbour, c.default_drop, c.malformed
-            );
+            println!("{i}: {}", render::counters_line(c));
         }
         return Ok(());
     };
@@ -426,20 +553,33 @@ fn stats(pin_dir: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::R
                     "{}",
                     serde_json::json!({"iface": i, "counters": c, "pps": {
                     "overlay": r(c.overlay, p.overlay), "peer": r(c.peer, p.peer), "nonip": r(c.nonip, p.nonip),
-                    "neighbour": r(c.neighbour, p.neighbour), "default_drop": r(c.default_drop, p.default_drop), "malformed": r(c.malformed, p.malformed)}})
+                    "neighbour": r(c.neighbour, p.neighbour), "reply": r(c.reply, p.reply),
+                    "default_drop": r(c.default_drop, p.default_drop), "malformed": r(c.malformed, p.malformed),
+                    "would_drop_default": r(c.would_drop_default, p.would_drop_default),
+                    "would_drop_malformed": r(c.would_drop_malformed, p.would_drop_malformed)}})
                 );
             } else {
                 println!(
-                    "{i}: pass/s overlay {:.0} peer {:.0} nonip {:.0} neighbour {:.0} | drop/s default {:.0} malformed {:.0}",
+                    "{i}: pass/s overlay {:.0} peer {:.0} nonip {:.0} neighbour {:.0} reply {:.0} | drop/s default {:.0} malformed {:.0} | would drop/s default {:.0} malformed {:.0}",
                     r(c.overlay, p.overlay),
                     r(c.peer, p.peer),
                     r(c.nonip, p.nonip),
                     r(c.neighbour, p.neighbour),
+                    r(c.reply, p.reply),
                     r(c.default_drop, p.default_drop),
-                    r(c.malformed, p.malformed)
+                    r(c.malformed, p.malformed),
+                    r(c.would_drop_default, p.would_drop_default),
+                    r(c.would_drop_malformed, p.would_drop_malformed)
                 );
             }
         }
         prev = now;
+    }
+}
+
+fn policy_name(p: Policy) -> &'static str {
+    match p {
+        Policy::Enforce => "enforce",
+        Policy::Observe => "observe",
     }
 }

@@ -9,6 +9,37 @@ use crate::{
 
 pub(super) fn print_status(st: &status::Status) {
     let d = &st.datapath;
+    let s = &d.settings;
+    // The policy first: in observe mode nothing is being dropped.
+    println!(
+        "policy      {}",
+        match s.policy {
+            crate::datapath::ctrl::Policy::Enforce =>
+                "enforce (packets the allowlist does not pass are dropped)",
+            crate::datapath::ctrl::Policy::Observe =>
+                "OBSERVE (every packet passes; what enforce would drop is counted as would-drop)",
+        }
+    );
+    println!(
+        "replies     {}; flows {} of {} (idle timeouts tcp {} s, udp {} s, icmp {} s)",
+        if s.replies { "on" } else { "off" },
+        d.flows.map_or("?".into(), |n| n.to_string()),
+        d.max_flows,
+        s.flow_timeout_s[0],
+        s.flow_timeout_s[1],
+        s.flow_timeout_s[2]
+    );
+    println!(
+        "events      {}",
+        if s.event_rate == 0 {
+            "off".to_string()
+        } else {
+            format!(
+                "up to {} per second per CPU (`firewall-ctl monitor`)",
+                s.event_rate
+            )
+        }
+    );
     println!("pin dir     {}", st.pin_dir.display());
     println!(
         "generation  {} committed{}",
@@ -49,11 +80,18 @@ pub(super) fn print_status(st: &status::Status) {
         if let Some(m) = &i.counters_map {
             println!("  map {:<9} id {:<6} {}", m.name, m.id, m.path.display());
         }
-        let c = &i.counters;
         println!(
-            "  counters   overlay {}  peer {}  nonip {}  neighbour {}  default_drop {}  malformed {}",
-            c.overlay, c.peer, c.nonip, c.neighbour, c.default_drop, c.malformed
+            "  egress     {}",
+            if i.egress_attached {
+                format!(
+                    "TC program {} records this node's flows",
+                    i.egress_prog_id.map_or("?".into(), |x| x.to_string())
+                )
+            } else {
+                "NOT attached: replies to this node's own connections drop".into()
+            }
         );
+        println!("  counters   {}", counters_line(&i.counters));
         println!(
             "  overlay allowlist compiled into the loaded program ({} rules):",
             i.overlay.len()
@@ -151,4 +189,22 @@ pub(super) fn print_controller(ctl: Option<&ControllerStatus>) {
     for h in &c.held {
         println!("  held   {h} (run `firewall-ctl approve` to review)");
     }
+}
+
+/// Every counter of one interface on one line.
+pub(super) fn counters_line(c: &firewall_common::Counters) -> String {
+    format!(
+        "pass: overlay {} peer {} nonip {} neighbour {} reply {} | drop: default {} malformed {} | would drop (observe): default {} malformed {} | events {} suppressed {}",
+        c.overlay,
+        c.peer,
+        c.nonip,
+        c.neighbour,
+        c.reply,
+        c.default_drop,
+        c.malformed,
+        c.would_drop_default,
+        c.would_drop_malformed,
+        c.events,
+        c.events_suppressed
+    )
 }

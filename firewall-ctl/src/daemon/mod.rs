@@ -448,7 +448,7 @@ pub fn stall_ms(src: &SourceConfig) -> u64 {
 fn ensure_attached(cfg: &Config) -> anyhow::Result<()> {
     for iface in &cfg.interfaces {
         if !attach::iface_dir(&cfg.pin_dir, iface).join("link").exists() {
-            let r = attach::attach(iface, attach::Mode::Auto, &cfg.pin_dir, false, None)?;
+            let r = attach::attach(iface, &cfg.pin_dir, &attach::AttachOptions::default())?;
             tracing::info!(iface, prog = r.prog_id, "attached");
         }
     }

@@ -1,26 +1,33 @@
-//! Loading, pinning, attaching, replacing and detaching the XDP program.
+//! Loading, pinning, attaching, replacing and detaching the XDP program and
+//! its TC egress companion.
 //!
 //! Pin directory layout (default /sys/fs/bpf/firewall, every directory 0700):
 //!
 //! ```text
-//! PEERS_V4 PEERS_V6 CIDR4_0 CIDR4_1 CIDR6_0 CIDR6_1 CTRL   shared by all interfaces
-//! ifaces/<IF>/{link,prog,COUNTERS}                         one per attached interface
-//! controller/                                              locked by a running controller
+//! PEERS_V4 PEERS_V6 CIDR4_0 CIDR4_1 CIDR6_0 CIDR6_1 CTRL     shared by all interfaces
+//! FLOWS EVENTS EVENT_BUCKET                                  shared by all interfaces
+//! ifaces/<IF>/{link,prog,COUNTERS}                           XDP, one per attached interface
+//! ifaces/<IF>/{egress_link,egress_prog}                      TC egress (tcx), beside it
+//! controller/                                                locked by a running controller
+//! monitor/                                                   locked by a running monitor
 //! ```
 //!
-//! The link pin keeps the program attached after firewall-ctl exits.
+//! The link pins keep both programs attached after firewall-ctl exits.
 
 use std::path::{Path, PathBuf};
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     programs::{
-        Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
 use firewall_common::names;
+
+use super::ctrl::Policy;
 
 use crate::{
     datapath::layout::{LayoutError, check_pin},
@@ -28,9 +35,10 @@ use crate::{
     sys::{self, SysError},
 };
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Mode {
     /// native if the driver supports XDP, else generic (the kernel decides)
+    #[default]
     Auto,
     /// driver (native) mode only
     Native,
@@ -72,6 +80,14 @@ pub enum AttachError {
         existing: u32,
         requested: u32,
     },
+    #[error(
+        "the pinned flow table in {dir} holds {existing} flows; --max-flows {requested} needs a new one: detach every interface with --purge first, or drop --max-flows"
+    )]
+    FlowCapacity {
+        dir: PathBuf,
+        existing: u32,
+        requested: u32,
+    },
     #[error("no firewall is attached to `{iface}` through {dir}: see `firewall-ctl status`")]
     NotAttached { iface: String, dir: PathBuf },
     #[error(
@@ -108,15 +124,31 @@ pub struct AttachReport {
     pub link_id: u32,
 }
 
+/// How to attach. Everything but `mode` and `force` is a setting of the pin
+/// directory: `None` keeps what the directory has (its defaults when new).
+#[derive(Clone, Debug, Default)]
+pub struct AttachOptions {
+    pub mode: Mode,
+    pub force: bool,
+    pub max_peers: Option<u32>,
+    pub max_flows: Option<u32>,
+    pub policy: Option<Policy>,
+    pub replies: Option<bool>,
+    /// Idle timeouts in seconds: TCP, UDP, ICMP echo.
+    pub flow_timeout_s: [Option<u32>; 3],
+    pub event_rate: Option<u32>,
+}
+
 /// Load, pin and attach; or, if our program is already attached to `iface`
-/// through this pin directory, atomically replace it keeping every map.
+/// through this pin directory, atomically replace it keeping every map. The
+/// TC egress program that records the node's flows is attached (or replaced)
+/// first, so the XDP program never runs without it.
 pub fn attach(
     iface: &str,
-    mode: Mode,
     pin_dir: &Path,
-    force: bool,
-    max_peers: Option<u32>,
+    opts: &AttachOptions,
 ) -> Result<AttachReport, AttachError> {
+    let (mode, force, max_peers) = (opts.mode, opts.force, opts.max_peers);
     sys::check_privileges()?;
     let ifindex = sys::ifindex(iface)?;
     sys::check_bpffs(pin_dir)?;
@@ -156,6 +188,22 @@ pub fn attach(
         }
         loader.map_pin_path(name, p);
     }
+    if let (Some(req), Some(m)) = (
+        opts.max_flows,
+        check_pin(pin_dir, &pin_dir.join(names::FLOWS), names::FLOWS)?,
+    ) {
+        let existing = m.info().map(|i| i.max_entries()).unwrap_or(0);
+        if existing != req {
+            return Err(AttachError::FlowCapacity {
+                dir: pin_dir.into(),
+                existing,
+                requested: req,
+            });
+        }
+    }
+    if let Some(n) = opts.max_flows {
+        loader.map_max_entries(names::FLOWS, n);
+    }
     let counters = dir.join(names::COUNTERS);
     check_pin(pin_dir, &counters, names::COUNTERS)?;
     loader.map_pin_path(names::COUNTERS, &counters);
@@ -168,8 +216,28 @@ pub fn attach(
     let mut ebpf = loader
         .load(obj)
         .map_err(kernel("loading the firewall object failed"))?;
-    // Initialise the control word of a fresh pin directory (and re-check it).
-    crate::datapath::store::KernelStore::open(pin_dir)?;
+    // Initialise the control word of a fresh pin directory (and re-check it),
+    // then apply the settings given. Each is one atomic store, so a running
+    // datapath on another interface of the directory switches cleanly.
+    let store = crate::datapath::store::KernelStore::open(pin_dir)?;
+    let mut settings = store.settings();
+    if let Some(p) = opts.policy {
+        settings.policy = p;
+    }
+    if let Some(r) = opts.replies {
+        settings.replies = r;
+    }
+    if let Some(r) = opts.event_rate {
+        settings.event_rate = r;
+    }
+    for (i, t) in opts.flow_timeout_s.iter().enumerate() {
+        if let Some(t) = t {
+            settings.flow_timeout_s[i] = *t;
+        }
+    }
+    store.set_settings(&settings);
+    drop(store);
+    attach_egress(&mut ebpf, iface, ifindex, &dir)?;
 
     let prog: &mut Xdp = ebpf
         .program_mut(names::PROGRAM)
@@ -250,6 +318,75 @@ pub fn attach(
     })
 }
 
+/// Attach the TC egress program to `iface` through tcx, pinned in `dir`; or
+/// swap it atomically under our existing link (BPF_LINK_UPDATE).
+fn attach_egress(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    ifindex: u32,
+    dir: &Path,
+) -> Result<(), AttachError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(names::EGRESS_PROGRAM)
+        .expect("object has the egress program")
+        .try_into()
+        .expect("egress is a TC program");
+    match prog.load() {
+        Ok(()) => {}
+        Err(aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
+            return Err(AttachError::Verifier(format!("{io_error}\n{verifier_log}")));
+        }
+        Err(e) => return Err(kernel("loading the TC egress program failed")(e)),
+    }
+    let link_pin = dir.join("egress_link");
+    let prog_pin = dir.join("egress_prog");
+    if link_pin.exists() {
+        let pinned = PinnedLink::from_pin(&link_pin)
+            .map_err(kernel(format!("cannot open {}", link_pin.display())))?;
+        let fd_link: FdLink = pinned.into();
+        let id = fd_link
+            .info()
+            .map_err(kernel("reading the pinned egress link's info"))?
+            .id();
+        let (kind, _, _, link_if) =
+            sys::link_info_by_id(id).map_err(kernel(format!("reading info of link {id}")))?;
+        if kind == sys::BPF_LINK_TYPE_TCX && link_if == ifindex {
+            let link = SchedClassifierLink::try_from(fd_link)
+                .map_err(kernel("pinned egress link is not a tcx link"))?;
+            prog.attach_to_link(link)
+                .map_err(kernel("atomic replace of the egress program failed"))?;
+            let _ = std::fs::remove_file(&prog_pin);
+            prog.pin(&prog_pin)
+                .map_err(kernel("pinning the egress program"))?;
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&link_pin);
+    }
+    let id = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(kernel(format!(
+            "attaching the TC egress program to `{iface}` through tcx failed (needs Linux >= 6.6)"
+        )))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(kernel("taking the egress link"))?
+        .try_into()
+        .map_err(kernel("the egress program was attached without a tcx link"))?;
+    let _ = std::fs::remove_file(&prog_pin);
+    prog.pin(&prog_pin)
+        .map_err(kernel("pinning the egress program"))?;
+    link.pin(&link_pin)
+        .map_err(kernel("pinning the egress link"))?;
+    Ok(())
+}
+
 /// The `--force` path: detach another tool's program, whether it is attached
 /// through a bpf_link or through netlink.
 fn remove_foreign(iface: &str, prog_id: u32) -> Result<(), AttachError> {
@@ -291,7 +428,14 @@ pub fn detach(iface: &str, pin_dir: &Path, purge: bool) -> Result<bool, AttachEr
         .map_err(kernel(format!("cannot open {}", link_pin.display())))?;
     let fd = link.unpin().map_err(kernel("unpinning the link"))?;
     drop(fd); // the last reference: the kernel detaches the program now
-    for f in ["prog", names::COUNTERS] {
+    // Then the egress program, which only feeds the XDP program's reply rule.
+    let egress = dir.join("egress_link");
+    if egress.exists() {
+        let link = PinnedLink::from_pin(&egress)
+            .map_err(kernel(format!("cannot open {}", egress.display())))?;
+        drop(link.unpin().map_err(kernel("unpinning the egress link"))?);
+    }
+    for f in ["prog", "egress_prog", names::COUNTERS] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     let _ = std::fs::remove_dir(&dir);
@@ -304,6 +448,7 @@ pub fn detach(iface: &str, pin_dir: &Path, purge: bool) -> Result<bool, AttachEr
             let _ = std::fs::remove_file(pin_dir.join(name));
         }
         let _ = std::fs::remove_dir(pin_dir.join("ifaces"));
+        let _ = std::fs::remove_dir(pin_dir.join(crate::sys::lock::MONITOR_DIR));
         // A running controller holds a lock on this directory; removing the
         // empty directory does not unlock it, and it is made again on start.
         let _ = std::fs::remove_dir(pin_dir.join(crate::sys::lock::CONTROLLER_DIR));

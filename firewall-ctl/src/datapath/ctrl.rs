@@ -1,11 +1,82 @@
 //! The mmapped control word (`CTRL`): the committed generation the datapath
 //! reads on every packet, and the bookkeeping beside it.
 
-use std::{os::fd::BorrowedFd, path::Path, sync::atomic::AtomicU64};
+use std::{
+    os::fd::BorrowedFd,
+    path::Path,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+};
 
-use firewall_common::Control;
+use firewall_common::{
+    Control,
+    flow::{
+        DEFAULT_EVENT_RATE, DEFAULT_ICMP_TIMEOUT_S, DEFAULT_TCP_TIMEOUT_S, DEFAULT_UDP_TIMEOUT_S,
+        POLICY_ENFORCE, POLICY_OBSERVE,
+    },
+};
 
 use super::layout::LayoutError;
+
+/// What the datapath does with a packet it would drop.
+#[derive(
+    Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// drop it (the default)
+    Enforce,
+    /// pass it, and count it (and report it to `monitor`) as would-drop
+    Observe,
+}
+
+impl Policy {
+    pub fn word(self) -> u32 {
+        match self {
+            Policy::Enforce => POLICY_ENFORCE,
+            Policy::Observe => POLICY_OBSERVE,
+        }
+    }
+    /// Any word but observe's enforces: an unknown value fails closed.
+    pub fn of_word(w: u32) -> Policy {
+        if w == POLICY_OBSERVE {
+            Policy::Observe
+        } else {
+            Policy::Enforce
+        }
+    }
+}
+
+/// The datapath settings of one pin directory, kept in `CTRL` beside the
+/// generation so every interface of the directory shares them and they
+/// survive re-attach and restarts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Settings {
+    pub policy: Policy,
+    pub replies: bool,
+    /// Drop events per second per CPU; 0 is off.
+    pub event_rate: u32,
+    /// Idle timeouts of a flow: TCP, UDP, ICMP echo.
+    pub flow_timeout_s: [u32; 3],
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            policy: Policy::Enforce,
+            replies: true,
+            event_rate: DEFAULT_EVENT_RATE,
+            flow_timeout_s: [
+                DEFAULT_TCP_TIMEOUT_S,
+                DEFAULT_UDP_TIMEOUT_S,
+                DEFAULT_ICMP_TIMEOUT_S,
+            ],
+        }
+    }
+}
+
+/// The most events per second per CPU `--event-rate` accepts: keeps the
+/// datapath's token arithmetic far from overflow.
+pub const MAX_EVENT_RATE: u32 = 1_000_000;
 
 /// The mmapped `CTRL` value.
 pub(crate) struct CtrlMap {
@@ -22,6 +93,39 @@ impl CtrlMap {
             }
         })?;
         Ok(CtrlMap { map })
+    }
+
+    /// The settings words. Each is stored alone, with one aligned atomic
+    /// store: the datapath never sees half a change, and `update` (which
+    /// rewrites the commit bookkeeping) never writes them.
+    pub(crate) fn settings(&self) -> Settings {
+        let c = self.read();
+        Settings {
+            policy: Policy::of_word(c.policy),
+            replies: c.replies != 0,
+            event_rate: c.event_rate,
+            flow_timeout_s: c.flow_timeout_ns.map(|ns| (ns / 1_000_000_000) as u32),
+        }
+    }
+
+    pub(crate) fn set_settings(&self, s: &Settings) {
+        let p = self.map.ptr::<Control>().as_ptr();
+        // SAFETY: each field is an aligned word of the live Control mapping,
+        // and the datapath only reads them.
+        unsafe {
+            let u32_at = |f: *mut u32| AtomicU32::from_ptr(f);
+            u32_at(std::ptr::addr_of_mut!((*p).replies))
+                .store(u32::from(s.replies), Ordering::Release);
+            u32_at(std::ptr::addr_of_mut!((*p).event_rate))
+                .store(s.event_rate.min(MAX_EVENT_RATE), Ordering::Release);
+            for (i, t) in s.flow_timeout_s.iter().enumerate() {
+                AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).flow_timeout_ns[i]))
+                    .store(u64::from(*t) * 1_000_000_000, Ordering::Release);
+            }
+            // The policy last: switching to observe with the other settings
+            // already in place.
+            u32_at(std::ptr::addr_of_mut!((*p).policy)).store(s.policy.word(), Ordering::Release);
+        }
     }
 
     pub(crate) fn read(&self) -> Control {

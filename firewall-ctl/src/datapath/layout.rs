@@ -5,7 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
-use firewall_common::{Bucket4, Bucket6, CidrVal, Control, LpmKeyV4, LpmKeyV6, MAX_CIDRS, names};
+use firewall_common::{
+    Bucket4, Bucket6, CidrVal, Control, LpmKeyV4, LpmKeyV6, MAX_CIDRS,
+    flow::{EventBucket, FlowKey, FlowVal},
+    names,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -54,7 +58,10 @@ struct Shape {
 const NO_PREALLOC: u32 = 1;
 const MMAPABLE: u32 = 1 << 10;
 
-fn shapes() -> [Shape; 8] {
+/// Bytes of the `EVENTS` ring buffer (the eBPF crate's size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+fn shapes() -> [Shape; 11] {
     use std::mem::size_of as sz;
     let lpm4 = sz::<LpmKeyV4>() as u32;
     let lpm6 = sz::<LpmKeyV6>() as u32;
@@ -114,6 +121,30 @@ fn shapes() -> [Shape; 8] {
             key: 4,
             value: sz::<Control>() as u32,
             flags: MMAPABLE,
+            max_entries: Some(1),
+        },
+        Shape {
+            name: names::FLOWS,
+            kind: MapType::LruHash,
+            key: sz::<FlowKey>() as u32,
+            value: sz::<FlowVal>() as u32,
+            flags: 0,
+            max_entries: None,
+        },
+        Shape {
+            name: names::EVENTS,
+            kind: MapType::RingBuf,
+            key: 0,
+            value: 0,
+            flags: 0,
+            max_entries: Some(EVENTS_BYTES),
+        },
+        Shape {
+            name: names::EVENT_BUCKET,
+            kind: MapType::PerCpuArray,
+            key: 4,
+            value: sz::<EventBucket>() as u32,
+            flags: 0,
             max_entries: Some(1),
         },
         Shape {

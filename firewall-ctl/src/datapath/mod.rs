@@ -7,10 +7,14 @@
 //! - [`cidr`]: the CIDR tries, one pair per generation parity.
 //! - [`store`]: the kernel `PeerStore` that the commit protocol drives.
 //! - [`status`]: what `status`, `stats` and `peers list` read.
+//! - [`flows`]: the node's own flows, for `flows`.
+//! - [`events`]: the drop events, decoded for `monitor`.
 
 pub mod attach;
 mod cidr;
-mod ctrl;
+pub mod ctrl;
+pub mod events;
+pub mod flows;
 pub mod layout;
 pub mod status;
 pub mod store;

@@ -14,7 +14,7 @@ use aya::{
 use firewall_common::{Counters, OVERLAY_MAGIC, OverlayRule, OverlayTable, names};
 use serde::Serialize;
 
-use super::{attach::iface_dir, store::KernelStore};
+use super::{attach::iface_dir, ctrl::Settings, store::KernelStore};
 use crate::sys;
 
 #[derive(Debug, Serialize)]
@@ -26,6 +26,12 @@ pub struct MapRef {
 
 #[derive(Debug, Serialize)]
 pub struct SharedStatus {
+    /// Policy, replies, event rate and flow timeouts: what every interface of
+    /// the pin directory does with what it would drop.
+    pub settings: Settings,
+    /// Flows in the table now (live or idle past their timeout), and its size.
+    pub flows: Option<u64>,
+    pub max_flows: u32,
     pub committed_generation: u64,
     pub staged_generation: u64,
     pub peer_count: u64,
@@ -55,6 +61,9 @@ pub struct IfaceStatus {
     pub prog_tag: Option<String>,
     pub counters_map: Option<MapRef>,
     pub counters: Counters,
+    /// The TC egress program that records the node's flows.
+    pub egress_attached: bool,
+    pub egress_prog_id: Option<u32>,
     pub overlay: Vec<OverlayView>,
     pub problem: Option<String>,
 }
@@ -163,6 +172,8 @@ pub fn iface_status(pin_dir: &Path, iface: &str) -> IfaceStatus {
         prog_tag: None,
         counters_map: None,
         counters: Counters::default(),
+        egress_attached: false,
+        egress_prog_id: None,
         overlay: Vec::new(),
         problem: None,
     };
@@ -196,6 +207,21 @@ pub fn iface_status(pin_dir: &Path, iface: &str) -> IfaceStatus {
         }
         Err(e) => st.problem = Some(format!("no program pin: {e}")),
     }
+    if let Ok(l) = aya::programs::links::PinnedLink::from_pin(dir.join("egress_link")) {
+        let fd: aya::programs::links::FdLink = l.into();
+        if let Ok(info) = fd.info()
+            && let Ok((kind, _, prog_id, ifindex)) = sys::link_info_by_id(info.id())
+        {
+            st.egress_attached =
+                kind == sys::BPF_LINK_TYPE_TCX && ifindex != 0 && Some(ifindex) == st.ifindex;
+            st.egress_prog_id = Some(prog_id);
+        }
+    }
+    if !st.egress_attached && st.problem.is_none() {
+        st.problem = Some(
+            "the TC egress program is not attached, so replies to this node's own connections drop: run `firewall-ctl attach` again".into(),
+        );
+    }
     let cpath = dir.join(names::COUNTERS);
     if let Ok(info) = MapInfo::from_pin(&cpath) {
         st.counters_map = Some(MapRef {
@@ -224,9 +250,13 @@ pub fn status(pin_dir: &Path) -> Result<Status, crate::datapath::layout::LayoutE
             path: pin_dir.join(n),
         })
         .collect();
+    let (flows, max_flows) = super::flows::count(pin_dir);
     Ok(Status {
         pin_dir: pin_dir.into(),
         datapath: SharedStatus {
+            settings: store.settings(),
+            flows,
+            max_flows,
             committed_generation: c.committed_gen,
             staged_generation: c.staged_gen,
             peer_count: c.peer_count[live],

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use super::{
     cidr::Cidrs,
-    ctrl::CtrlMap,
+    ctrl::{CtrlMap, Settings},
     layout::{LayoutError, check_dir, check_pin},
     table::{Family, Slot, Table, V4, V6},
 };
@@ -107,6 +107,7 @@ impl KernelStore {
                 c.hash_seed = seed;
                 c.bucket_mask = buckets.map(|b| b.wrapping_sub(1));
             });
+            ctrl.set_settings(&Settings::default());
             ctrl.update(|c| {
                 c.magic = CTRL_MAGIC;
                 c.abi_version = ABI_VERSION;
@@ -153,6 +154,16 @@ impl KernelStore {
 
     pub fn control(&self) -> Control {
         self.ctrl.read()
+    }
+    /// The datapath settings of this pin directory (policy, replies, events,
+    /// flow timeouts).
+    pub fn settings(&self) -> Settings {
+        self.ctrl.settings()
+    }
+    /// Change them: each word with one atomic store, live at once on every
+    /// interface of the directory.
+    pub fn set_settings(&self, s: &Settings) {
+        self.ctrl.set_settings(s)
     }
     pub fn capacity(&self) -> [u64; 2] {
         self.capacity

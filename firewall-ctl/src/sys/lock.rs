@@ -9,6 +9,9 @@
 //!   still catches a writer that ignores the lock.
 //! - [`ControllerLock`]: one controller per pin directory and per state
 //!   directory, held for the daemon's life, refused at once to a second one.
+//! - [`MonitorLock`]: one `monitor` per pin directory. The events ring buffer
+//!   has one consumer position, so two readers would each see part of the
+//!   stream.
 
 use std::{
     fs::File,
@@ -34,6 +37,10 @@ pub enum LockError {
         "another controller{holder} already runs on {path}: stop it first (one controller per pin directory and per state directory)"
     )]
     Busy { path: PathBuf, holder: String },
+    #[error(
+        "another `firewall-ctl monitor` already reads the events of {0}: the ring buffer has one reader, so stop that one first"
+    )]
+    MonitorBusy(PathBuf),
 }
 
 fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
@@ -134,5 +141,26 @@ impl ControllerLock {
             _pins: pins,
             _state: state,
         })
+    }
+}
+
+/// The subdirectory of the pin directory whose flock marks a running monitor.
+pub const MONITOR_DIR: &str = "monitor";
+
+/// Held for a `monitor`'s life.
+pub struct MonitorLock(
+    #[expect(dead_code, reason = "held for its Drop: closing the fd unlocks")] File,
+);
+
+impl MonitorLock {
+    pub fn acquire(pin_dir: &Path) -> Result<MonitorLock, LockError> {
+        crate::sys::fsafe::check_private_dir(pin_dir)?;
+        let mdir = pin_dir.join(MONITOR_DIR);
+        crate::sys::fsafe::ensure_private_dir(&mdir)?;
+        let f = open_dir(&mdir)?;
+        if flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+            return Err(LockError::MonitorBusy(pin_dir.into()));
+        }
+        Ok(MonitorLock(f))
     }
 }

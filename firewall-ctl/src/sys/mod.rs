@@ -159,6 +159,7 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<(u32, u32, u32, u32)> {
 }
 
 pub const BPF_LINK_TYPE_XDP: u32 = 6;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
 fn link_fd_by_id(id: u32) -> io::Result<std::os::fd::OwnedFd> {
     #[repr(C, align(8))]

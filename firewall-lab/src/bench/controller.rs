@@ -97,20 +97,12 @@ pub(crate) fn bench_controller() -> anyhow::Result<()> {
     let (pins, floor_pins) = (PinDir::new(), PinDir::new());
     let (p1, p2) = (pins.path.clone(), floor_pins.path.clone());
     ns.run(move || -> anyhow::Result<()> {
-        firewall_ctl::datapath::attach::attach(
-            "xca",
-            firewall_ctl::datapath::attach::Mode::Auto,
-            &p1,
-            false,
-            Some(1 << 20),
-        )?;
-        firewall_ctl::datapath::attach::attach(
-            "xfa",
-            firewall_ctl::datapath::attach::Mode::Auto,
-            &p2,
-            false,
-            Some(1 << 20),
-        )?;
+        let opts = firewall_ctl::datapath::attach::AttachOptions {
+            max_peers: Some(1 << 20),
+            ..Default::default()
+        };
+        firewall_ctl::datapath::attach::attach("xca", &p1, &opts)?;
+        firewall_ctl::datapath::attach::attach("xfa", &p2, &opts)?;
         Ok(())
     })?;
     let floor_map = aya::maps::MapData::from_pin(floor_pins.path.join("PEERS_V6"))?;

@@ -1,0 +1,110 @@
+//! The node's own flows (for passing their replies) and the drop events, as
+//! the kernel and userspace share them.
+//!
+//! A flow is recorded by the TC egress program when the node sends a packet:
+//! TCP and UDP by their ports, ICMP and ICMPv6 echo requests by their
+//! identifier. The XDP program passes an inbound packet that nothing else
+//! passed if it is the reverse of a live flow, or an ICMP/ICMPv6 error whose
+//! embedded header is a packet of a live flow.
+
+/// `FlowKey::family` values.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// One flow the node started, from the node's side: `local` is the node's
+/// address (the egress packet's source), `remote` the other end. TCP and UDP
+/// use both ports; ICMP and ICMPv6 echo use `local_port` for the echo
+/// identifier and leave `remote_port` 0. Addresses are in network order,
+/// left-aligned (IPv4 uses the first 4 bytes, the rest are 0); ports in host
+/// order, so bpftool prints the numbers people type.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct FlowKey {
+    pub remote: [u8; 16],
+    pub local: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// When the flow was first and last seen leaving the node, in
+/// `bpf_ktime_get_ns` time (CLOCK_MONOTONIC). The TC program refreshes
+/// `last_seen_ns` at most once per [`FLOW_REFRESH_NS`], so a busy flow does
+/// not write a shared cache line on every packet.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FlowVal {
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+}
+
+pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Default flow table capacity (`attach --max-flows`). An LRU table: when it
+/// is full the least recently used flow goes, and a reply to it drops.
+pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+
+/// Default idle timeouts (`attach --flow-timeouts`), in seconds. TCP's is
+/// long because an idle connection is still a connection (Linux conntrack
+/// keeps an established one for 5 days); the node's keepalives refresh it.
+/// UDP matches conntrack's `nf_conntrack_udp_timeout_stream` order of
+/// magnitude for request/response protocols (DNS, NTP). ICMP echo is short.
+pub const DEFAULT_TCP_TIMEOUT_S: u32 = 3600;
+pub const DEFAULT_UDP_TIMEOUT_S: u32 = 120;
+pub const DEFAULT_ICMP_TIMEOUT_S: u32 = 30;
+
+/// `Control::flow_timeout_ns` index for a protocol.
+#[inline(always)]
+pub fn timeout_index(proto: u8) -> usize {
+    match proto {
+        6 => 0,
+        17 => 1,
+        _ => 2,
+    }
+}
+
+/// Bytes of each dropped packet an event carries.
+pub const EVENT_CAPTURE: usize = 128;
+
+/// One dropped (or, in observe mode, would-be-dropped) packet, written by the
+/// XDP program into the `EVENTS` ring buffer. The addresses, protocol, ports
+/// and VLAN are decoded in userspace from `data`, with the same parser the
+/// reference classifier uses, so the drop path in the kernel only copies.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the packet was seen.
+    pub time_ns: u64,
+    pub ifindex: u32,
+    /// The packet's length on the wire.
+    pub len: u32,
+    /// `Reason` as u32.
+    pub reason: u32,
+    /// 1 when the policy was observe and the packet passed.
+    pub observed: u32,
+    /// Bytes of `data` that hold the packet (at most [`EVENT_CAPTURE`]).
+    pub cap_len: u32,
+    pub _pad: u32,
+    pub data: [u8; EVENT_CAPTURE],
+}
+
+/// Per-CPU token bucket of the event rate limit (`EVENT_BUCKET`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct EventBucket {
+    /// Tokens, scaled by 1e9 (one event costs 1e9), so refills are integer.
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// Default event rate (`attach --event-rate`), per CPU: enough to see a
+/// scan or a misconfigured peer in detail, far below what would cost the
+/// drop path under a flood. The burst equals one second's worth.
+pub const DEFAULT_EVENT_RATE: u32 = 1000;
+
+/// `Control::policy` values. Observe passes every packet and counts what
+/// enforce would have dropped.
+pub const POLICY_ENFORCE: u32 = 0;
+pub const POLICY_OBSERVE: u32 = 1;
