@@ -218,6 +218,25 @@ impl Traffic {
         port: u16,
         every_ms: u64,
     ) -> Traffic {
+        Self::start_every(
+            from,
+            sources,
+            to,
+            dst,
+            port,
+            Duration::from_millis(every_ms),
+        )
+    }
+
+    /// As `start`, one datagram per source every `every` (e.g. 500 us: 2 kHz).
+    pub fn start_every(
+        from: &Ns,
+        sources: &[IpAddr],
+        to: &Ns,
+        dst: IpAddr,
+        port: u16,
+        every: Duration,
+    ) -> Traffic {
         use std::sync::{Arc, atomic::AtomicBool};
         let stop = Arc::new(AtomicBool::new(false));
         let rx =
@@ -259,7 +278,7 @@ impl Traffic {
                         sent[i] += 1;
                     }
                 }
-                std::thread::sleep(Duration::from_millis(every_ms));
+                std::thread::sleep(every);
             }
             sent
         });
@@ -280,5 +299,80 @@ impl Traffic {
             .zip(sent)
             .map(|(s, n)| (*s, n, got.get(s).copied().unwrap_or(0)))
             .collect()
+    }
+}
+
+/// A UDP request from `src` (in `from`) to `dst:port` (in `to`), where a
+/// server answers every datagram: how many of `n` answers come back.
+pub fn udp_answers(from: &Ns, src: IpAddr, to: &Ns, dst: IpAddr, port: u16, n: u32) -> u32 {
+    let server = to.run(move || UdpSocket::bind(SocketAddr::new(dst, port)).expect("bind server"));
+    server
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let answering = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut idle = 0;
+        while idle < 5 {
+            match server.recv_from(&mut buf) {
+                Ok((len, peer)) => {
+                    let _ = server.send_to(&buf[..len], peer);
+                    idle = 0;
+                }
+                Err(_) => idle += 1,
+            }
+        }
+    });
+    let got = from.run(move || {
+        let c = UdpSocket::bind(SocketAddr::new(src, 0)).expect("bind client");
+        c.connect(SocketAddr::new(dst, port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        for i in 0..n {
+            let _ = c.send(&i.to_be_bytes());
+            if c.recv(&mut buf).is_ok() {
+                got += 1;
+            }
+        }
+        got
+    });
+    let _ = answering.join();
+    got
+}
+
+/// Send `msg` from `src` to `dst` through a raw IP socket of protocol
+/// `proto` (the kernel builds the IP header; for ICMPv6 it also fills in the
+/// checksum). Call it on a thread inside the sender's namespace.
+pub fn raw_send(src: IpAddr, dst: IpAddr, proto: i32, msg: &[u8]) -> std::io::Result<()> {
+    let domain = if src.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on an fd we own and close; `msg` and the
+    // sockaddrs outlive the calls that read them.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_RAW, proto);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (sa, len) = sockaddr(SocketAddr::new(src, 0));
+        let (da, dlen) = sockaddr(SocketAddr::new(dst, 0));
+        let r = if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) != 0 {
+            -1
+        } else {
+            libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                &da as *const _ as *const libc::sockaddr,
+                dlen,
+            )
+        };
+        let e = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r < 0 { Err(e) } else { Ok(()) }
     }
 }

@@ -57,6 +57,11 @@ pub const PACKAGES: &[Package] = &[
         why: "the nftables baseline",
     },
     Package {
+        name: "tcpdump",
+        uses: &["/usr/bin/tcpdump"],
+        why: "reading back `monitor --pcap` files in the node tests",
+    },
+    Package {
         name: "iperf3",
         uses: &["/usr/bin/iperf3"],
         why: "TCP traffic in the veth tests",
