@@ -477,9 +477,9 @@ const _: () = {
     assert!(size_of::<Control>() == 152);
     assert!(size_of::<Counters>() == 88);
     assert!(size_of::<flow::FlowKey>() == 40);
-    assert!(size_of::<flow::FlowVal>() == 16);
+    assert!(size_of::<flow::FlowVal>() == 56);
     assert!(size_of::<flow::DropEvent>() == 32 + flow::EVENT_CAPTURE);
-    assert!(size_of::<flow::EventBucket>() == 16);
+    assert!(size_of::<flow::EventBucket>() == 24);
     assert!(size_of::<OverlayRule>() == 24);
     assert!(size_of::<OverlayTable>() == 16 + 24 * OVERLAY_MAX);
 };

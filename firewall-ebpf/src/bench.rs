@@ -40,3 +40,23 @@ pub fn lookup_floor(ctx: XdpContext) -> u32 {
         xdp_action::XDP_DROP
     }
 }
+
+// The IPv6 counterpart of `lookup_floor`: one hash lookup of the 16-byte
+// source at a fixed offset.
+#[btf_map]
+static HASH_FLOOR6: HashMap<[u8; 16], u32, 16_384, BPF_F_NO_PREALLOC> = HashMap::new();
+
+/// Benchmark baseline: what any IPv6 source filter built on the kernel's hash
+/// map costs at least.
+#[xdp]
+pub fn lookup_floor6(ctx: XdpContext) -> u32 {
+    let Some(p) = ptr_at::<[u8; 16]>(&ctx, EthHdr::LEN + 8) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: `p` came from ptr_at, which checked it lies within the packet.
+    if HASH_FLOOR6.get_ptr(unsafe { &*p }).is_some() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}

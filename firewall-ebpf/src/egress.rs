@@ -7,9 +7,9 @@
 //! with non-linear socket buffers, rather than direct packet access.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
+    bindings::TC_ACT_OK, helpers::bpf_ktime_get_coarse_ns, macros::classifier, programs::TcContext,
 };
-use firewall_common::flow::{FAMILY_V4, FAMILY_V6, FLOW_REFRESH_NS, FlowKey, FlowVal};
+use firewall_common::flow::{FAMILY_V4, FAMILY_V6, FLOW_REFRESH_NS, FlowKey, FlowVal, flow_hash};
 
 use super::{
     CTRL, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FLOWS, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -105,29 +105,36 @@ fn record(ctx: &TcContext) -> Option<()> {
     } else {
         return None;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match FLOWS.get_ptr_mut(&k) {
-        Some(v) => {
-            // SAFETY: a pointer to this key's value, valid for the program
-            // run; the XDP side only reads it. Refreshed at most once per
-            // FLOW_REFRESH_NS so a busy flow does not write on every packet.
+    // The same coarse clock the reply rule reads (see reply::live).
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let h = flow_hash(&k, &ctrl.hash_seed);
+    if let Some(v) = FLOWS.get_ptr_mut(h) {
+        // SAFETY: a pointer to this hash's value, valid for the program run;
+        // the XDP side only reads it.
+        let same = unsafe { (*v).key == k };
+        if same {
+            // Refreshed at most once per FLOW_REFRESH_NS, so a busy flow
+            // does not write a shared cache line on every packet.
+            // SAFETY: as above.
             unsafe {
                 if now.wrapping_sub((*v).last_seen_ns) >= FLOW_REFRESH_NS {
                     core::ptr::write_volatile(&mut (*v).last_seen_ns, now);
                 }
             }
+            return Some(());
         }
-        None => {
-            let _ = FLOWS.insert(
-                &k,
-                &FlowVal {
-                    first_seen_ns: now,
-                    last_seen_ns: now,
-                },
-                0,
-            );
-        }
+        // Another flow with the same 64-bit hash: the newer one takes the
+        // entry (the older one's replies drop until it speaks again).
     }
+    let _ = FLOWS.insert(
+        h,
+        FlowVal {
+            key: k,
+            first_seen_ns: now,
+            last_seen_ns: now,
+        },
+        0,
+    );
     Some(())
 }

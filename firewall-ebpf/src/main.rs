@@ -30,7 +30,7 @@ use aya_ebpf::{
 use firewall_common::{
     Bucket4, Bucket6, CidrVal, Control, Counters, DEFAULT_MAX_PEERS, MAX_CIDRS, MAX_PROBE,
     OVERLAY_MAGIC, OverlayRule, OverlayTable, PEERS_PER_BUCKET, Reason, SLOTS,
-    flow::{DEFAULT_MAX_FLOWS, DropEvent, EventBucket, FAMILY_V4, FAMILY_V6, FlowKey, FlowVal},
+    flow::{DEFAULT_MAX_FLOWS, DropEvent, EventBucket, FAMILY_V4, FAMILY_V6, FlowVal},
     hash4, hash6,
 };
 
@@ -79,10 +79,11 @@ static CTRL: Array<Control, 1, BPF_F_MMAPABLE> = Array::new();
 #[btf_map]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 // The node's own flows, written by the TC egress program, read by the reply
-// rule. LRU: a full table forgets the least recently used flow. Its size is
-// the default; attach sets it from --max-flows.
+// rule, keyed by `flow_hash` (the value holds the whole flow, compared on
+// every lookup). LRU: a full table forgets the least recently used flow. Its
+// size is the default; attach sets it from --max-flows.
 #[btf_map]
-static FLOWS: LruHashMap<FlowKey, FlowVal, { DEFAULT_MAX_FLOWS as usize }> = LruHashMap::new();
+static FLOWS: LruHashMap<u64, FlowVal, { DEFAULT_MAX_FLOWS as usize }> = LruHashMap::new();
 // Where classify left off for a packet it would drop (see reply::remember).
 #[btf_map]
 static PARSED: PerCpuArray<reply::Parsed, 1> = PerCpuArray::new();

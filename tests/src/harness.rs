@@ -102,26 +102,28 @@ impl Harness {
     }
     /// Record a flow as the egress program would, last seen `idle_ns` ago.
     pub fn add_flow(&mut self, key: FlowKey, idle_ns: u64) {
-        let mut m: HashMap<_, FlowKey, FlowVal> =
+        self.add_flow_at(
+            firewall_common::flow::flow_hash(&key, &TEST_SEED),
+            key,
+            idle_ns,
+        );
+    }
+    /// Store `key` under the table key `hash`, whatever `key` hashes to:
+    /// a collision, as far as the datapath can tell.
+    pub fn add_flow_at(&mut self, hash: u64, key: FlowKey, idle_ns: u64) {
+        let mut m: HashMap<_, u64, FlowVal> =
             self.ebpf.map_mut("FLOWS").unwrap().try_into().unwrap();
         let t = monotonic_ns().saturating_sub(idle_ns);
         m.insert(
-            key,
+            hash,
             FlowVal {
+                key,
                 first_seen_ns: t,
                 last_seen_ns: t,
             },
             0,
         )
         .unwrap();
-    }
-    pub fn clear_flows(&mut self) {
-        let mut m: HashMap<_, FlowKey, FlowVal> =
-            self.ebpf.map_mut("FLOWS").unwrap().try_into().unwrap();
-        let keys: Vec<FlowKey> = m.keys().flatten().collect();
-        for k in keys {
-            let _ = m.remove(&k);
-        }
     }
     pub fn add_exact(&mut self, addr: IpAddr, added: u64, removed: u64) {
         let v = PeerVal {

@@ -430,8 +430,14 @@ fn monitor_shows_drops_as_json_and_pcap_and_a_flood_is_rate_limited_in_the_kerne
     assert_eq!(firewall_tests::raw_frames_passed(&p, frames), 0);
     let after = counters(&p, &pins);
     let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
-    assert_eq!(d("default_drop"), 20_000, "{after}");
-    assert_eq!(d("events") + d("events_suppressed"), 20_000, "{after}");
+    // At least the flood (the peer namespace's own multicast listener
+    // reports may add a drop or two).
+    assert!(d("default_drop") >= 20_000, "{after}");
+    assert_eq!(
+        d("events") + d("events_suppressed"),
+        d("default_drop"),
+        "every drop is either an event or a suppressed one: {after}"
+    );
     assert!(d("events_suppressed") > 10_000, "{after}");
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss_kb(m.id());

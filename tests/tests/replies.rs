@@ -193,7 +193,8 @@ fn replies_to_live_flows_pass_and_nothing_else_from_that_remote() {
     );
     // The timeout is per protocol: a UDP timeout below the flows' idle time.
     h.set_control(|c| c.flow_timeout_ns[1] = 1);
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    // The datapath's clock is coarse (one tick): wait several ticks.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     expect(&h, &udp(r4, l4, 53, LPORT).build(), Reason::DefaultDrop);
     expect(&h, &echo(r4, l4, 0, ECHO_ID).build(), Reason::Reply);
     // --replies off: the pure allowlist.
@@ -203,6 +204,24 @@ fn replies_to_live_flows_pass_and_nothing_else_from_that_remote() {
     });
     expect(&h, &udp(r4, l4, 53, LPORT).build(), Reason::DefaultDrop);
     expect(&h, &echo(r6, l6, 129, ECHO_ID).build(), Reason::DefaultDrop);
+}
+
+#[test]
+fn an_entry_under_a_flows_hash_but_holding_another_flow_matches_nothing() {
+    firewall_tests::require_kernel!();
+    let mut h = Harness::new();
+    h.set_generation(3, [0, 0], [0, 0]);
+    let (l, r) = (IpAddr::from(LOCAL4), IpAddr::from(REMOTE4));
+    let wanted = flow_key(17, l, LPORT, r, 53);
+    let other = flow_key(17, l, LPORT + 1, r, 53);
+    // The table slot the reply will look up holds a different flow, as
+    // after a 64-bit hash collision: the lookup finds it and must refuse it.
+    let slot = firewall_common::flow::flow_hash(&wanted, &firewall_tests::TEST_SEED);
+    h.add_flow_at(slot, other, 0);
+    expect(&h, &udp(r, l, 53, LPORT).build(), Reason::DefaultDrop);
+    expect(&h, &udp(r, l, 53, LPORT + 1).build(), Reason::DefaultDrop);
+    h.add_flow(wanted, 0);
+    expect(&h, &udp(r, l, 53, LPORT).build(), Reason::Reply);
 }
 
 #[test]

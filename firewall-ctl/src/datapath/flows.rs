@@ -4,7 +4,7 @@ use std::{net::IpAddr, path::Path};
 
 use aya::maps::{HashMap, Map, MapData};
 use firewall_common::{
-    flow::{FAMILY_V4, FlowKey, FlowVal, timeout_index},
+    flow::{FAMILY_V4, FlowVal, timeout_index},
     names,
 };
 use serde::Serialize;
@@ -57,7 +57,7 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn open(pin_dir: &Path) -> Result<HashMap<MapData, FlowKey, FlowVal>, LayoutError> {
+fn open(pin_dir: &Path) -> Result<HashMap<MapData, u64, FlowVal>, LayoutError> {
     let data = check_pin(pin_dir, &pin_dir.join(names::FLOWS), names::FLOWS)?
         .ok_or_else(|| LayoutError::NotAttached(pin_dir.into()))?;
     HashMap::try_from(Map::LruHashMap(data)).map_err(|source| LayoutError::Open {
@@ -72,7 +72,7 @@ pub fn count(pin_dir: &Path) -> (Option<u64>, u32) {
         return (None, 0);
     };
     let max = data.info().map(|i| i.max_entries()).unwrap_or(0);
-    match HashMap::<_, FlowKey, FlowVal>::try_from(Map::LruHashMap(data)) {
+    match HashMap::<_, u64, FlowVal>::try_from(Map::LruHashMap(data)) {
         Ok(m) => (Some(m.keys().flatten().count() as u64), max),
         Err(_) => (None, max),
     }
@@ -89,7 +89,8 @@ pub fn list(pin_dir: &Path) -> Result<Vec<FlowRow>, LayoutError> {
     let mut rows: Vec<FlowRow> = map
         .iter()
         .flatten()
-        .map(|(k, v)| {
+        .map(|(_, v)| {
+            let k = v.key;
             let idle = now.saturating_sub(v.last_seen_ns);
             FlowRow {
                 proto: proto_name(k.proto),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{MapData, MapType};
 use firewall_common::{
     Bucket4, Bucket6, CidrVal, Control, LpmKeyV4, LpmKeyV6, MAX_CIDRS,
-    flow::{EventBucket, FlowKey, FlowVal},
+    flow::{EventBucket, FlowVal},
     names,
 };
 
@@ -126,7 +126,7 @@ fn shapes() -> [Shape; 11] {
         Shape {
             name: names::FLOWS,
             kind: MapType::LruHash,
-            key: sz::<FlowKey>() as u32,
+            key: sz::<u64>() as u32,
             value: sz::<FlowVal>() as u32,
             flags: 0,
             max_entries: None,
