@@ -101,6 +101,55 @@ mod tests {
         assert_eq!(name, "the_skip_marker_is_the_test_name");
     }
 
+    /// What `monitor` shows of a captured frame: tags, addresses, ports,
+    /// past IPv6 extension headers, and as much as a cut frame still holds.
+    #[test]
+    fn captured_frames_decode_to_tags_addresses_and_ports() {
+        use crate::packet::{Ext, Frame, L4};
+        use firewall_common::classify::headers;
+        let f = Frame::new(
+            "2001:2::9".parse().unwrap(),
+            "2001:2::1".parse().unwrap(),
+            L4::Tcp {
+                sport: 443,
+                dport: 40000,
+            },
+        )
+        .vlan(0x88a8, 100)
+        .vlan(0x8100, 7)
+        .ext(Ext::HopByHop(0))
+        .build();
+        let h = headers(&f);
+        assert_eq!(h.vlans, [Some(100), Some(7)]);
+        assert_eq!(h.family, 6);
+        assert_eq!(h.src[15], 9);
+        assert_eq!(
+            (h.proto, h.sport, h.dport),
+            (Some(6), Some(443), Some(40000))
+        );
+        // Cut inside the TCP header: addresses, no ports.
+        let h = headers(&f[..f.len() - 18]);
+        assert_eq!((h.family, h.proto, h.sport), (6, Some(6), None));
+        // An ICMP message: type and code.
+        let f = Frame::new(
+            "198.18.0.9".parse().unwrap(),
+            "198.18.0.1".parse().unwrap(),
+            L4::IcmpMsg {
+                typ: 3,
+                code: 4,
+                rest: [0; 4],
+                body: vec![],
+            },
+        )
+        .build();
+        let h = headers(&f);
+        assert_eq!((h.family, h.icmp), (4, Some((3, 4))));
+        assert_eq!(&h.src[..4], &[198, 18, 0, 9]);
+        // Not IP, or too short for anything.
+        assert_eq!(headers(&crate::packet::arp()).family, 0);
+        assert_eq!(headers(&[0u8; 10]), Default::default());
+    }
+
     /// The benchmark baselines live in the lab's object only.
     #[test]
     fn the_shipped_object_holds_the_firewall_alone_and_the_lab_object_the_baselines() {

@@ -294,6 +294,14 @@ fn observe_counts_what_enforce_drops_and_switching_loses_no_peer_packet() {
     fwctl_ok(&p.a, &pins, "policy observe");
     fwctl_ok(&p.a, &pins, &format!("attach --iface {}", p.a_if));
     assert!(p.b.ping(p.b4(3), p.a4()), "the policy survives re-attach");
+    // The re-attach swapped the egress program under its link: still one.
+    let iface = p.a_if.clone();
+    let egress = p.a.run(move || {
+        aya::programs::SchedClassifier::query_tcx(&iface, aya::programs::TcAttachType::Egress)
+            .map(|(_, progs)| progs.len())
+            .unwrap()
+    });
+    assert_eq!(egress, 1, "one egress program after re-attach");
     fwctl_ok(&p.a, &pins, "policy enforce");
     std::thread::sleep(Duration::from_millis(300));
     let (_, sent, got) = traffic.stop()[0];
