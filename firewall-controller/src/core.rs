@@ -138,6 +138,12 @@ pub struct CoreStatus {
     pub alarms: Vec<String>,
     pub absent: Vec<AbsentView>,
     pub held: Vec<IpNet>,
+    /// Everything the shrink guard holds or will hold when its grace ends:
+    /// absent, not approved, with the time its grace ends. `approve` shows
+    /// these at once after a mass removal, and an approval given early
+    /// applies when the grace ends.
+    #[serde(default)]
+    pub awaiting_approval: Vec<AbsentView>,
     pub approved: Vec<IpNet>,
     pub budget_limited: u64,
     pub last_result: Option<String>,
@@ -525,7 +531,13 @@ impl Core {
     pub fn approve(&mut self, now: u64, which: Option<&[IpNet]>) -> Vec<IpNet> {
         self.set_now(now);
         let chosen: Vec<IpNet> = match which {
-            None => self.held.iter().copied().collect(),
+            // Held now, or held when their grace ends: an operator who acts
+            // as soon as the alarm fires need not come back.
+            None => {
+                let mut all: BTreeSet<IpNet> = self.held.clone();
+                all.extend(self.awaiting().map(|(n, _)| n));
+                all.into_iter().collect()
+            }
             Some(list) => list
                 .iter()
                 .filter(|n| self.absent.contains_key(n))
@@ -584,6 +596,18 @@ impl Core {
         self.committed = committed;
         self.generation = generation;
         self.plan();
+    }
+
+    /// Absent discovery peers the shrink guard holds, or will hold once
+    /// their grace ends, unless approved: (peer, its absence).
+    fn awaiting(&self) -> impl Iterator<Item = (IpNet, Absence)> + '_ {
+        let shrink = matches!(self.freeze, Some(Freeze::Shrink { .. }));
+        self.absent
+            .iter()
+            .filter(move |(n, _)| {
+                shrink && self.committed.get(n) == Some(&DISCOVERY) && !self.approved.contains(n)
+            })
+            .map(|(n, a)| (*n, *a))
     }
 
     fn grace(&self, a: &Absence) -> u64 {
@@ -730,6 +754,15 @@ impl Core {
                 })
                 .collect(),
             held: self.held.iter().copied().collect(),
+            awaiting_approval: self
+                .awaiting()
+                .map(|(n, a)| AbsentView {
+                    peer: n,
+                    since_ms: a.since_ms,
+                    graceful: a.graceful,
+                    evict_at_ms: a.since_ms + self.grace(&a),
+                })
+                .collect(),
             approved: self.approved.iter().copied().collect(),
             budget_limited: self.budget_limited,
             last_result: self.last_result.clone(),
@@ -956,6 +989,14 @@ mod tests {
         c.handle_discovery(1_000, rev(&[1, 2, 3], 11));
         c.handle_discovery(2_000, rev(&[1, 2], 9)); // stale: must not start 3's absence
         assert!(!c.absent().contains_key(&p(3)));
+        // Nor add what only a superseded revision lists, nor count 4 (gone
+        // at revision 11) as present again.
+        c.handle_discovery(3_000, rev(&[1, 2, 4, 7], 8));
+        assert!(
+            drain(&mut c, 3_000).is_empty(),
+            "nothing added from a stale result"
+        );
+        assert!(c.absent().contains_key(&p(4)), "4's absence keeps running");
         c.handle_tick(50_000);
         assert!(
             drain(&mut c, 50_000).is_empty(),
@@ -964,10 +1005,42 @@ mod tests {
         assert!(matches!(
             c.freeze(),
             Some(Freeze::Stale {
-                revision: 9,
+                revision: 8,
                 seen: 11
             })
         ));
+    }
+
+    #[test]
+    fn a_mass_removal_shows_at_once_and_an_early_approval_applies_when_the_grace_ends() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4, 5, 6]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2])); // 4 of 6 absent: > 50 %
+        let st = c.status();
+        assert!(st.held.is_empty(), "nothing is due yet");
+        let waiting: Vec<(IpNet, u64)> = st
+            .awaiting_approval
+            .iter()
+            .map(|a| (a.peer, a.evict_at_ms))
+            .collect();
+        assert_eq!(
+            waiting,
+            [3, 4, 5, 6].map(|i| (p(i), 1_000 + g().grace_ms)).to_vec(),
+            "listed at once, with the time the grace ends"
+        );
+        // Approved right away: nothing happens before the grace ends...
+        assert_eq!(c.approve(1_001, None).len(), 4);
+        assert!(c.status().awaiting_approval.is_empty());
+        c.handle_tick(1_000 + g().grace_ms - 1);
+        assert!(drain(&mut c, 1_000 + g().grace_ms - 1).is_empty());
+        // ...and everything after, with no second approval.
+        c.handle_tick(1_000 + g().grace_ms);
+        let removed: usize = drain(&mut c, 1_000 + g().grace_ms)
+            .iter()
+            .map(|p| p.changes.remove.len())
+            .sum();
+        assert_eq!(removed, 4);
     }
 
     #[test]

@@ -12,9 +12,13 @@ pub struct Guards {
     /// Grace for a peer whose source says it left gracefully (Serf `left`).
     pub graceful_grace_ms: u64,
     /// A result that reports more than this fraction of the discovery-owned
-    /// peers absent freezes deletions (held until `firewall-ctl approve`).
+    /// allowlist entries absent freezes deletions (held until `firewall-ctl
+    /// approve`). The unit is the entry (an address or CIDR), in the count
+    /// and the total alike: a member with an IPv4 and an IPv6 address is two
+    /// entries, as it is two lines in the datapath, and the core never learns
+    /// which addresses share a member.
     pub max_shrink_fraction: f64,
-    /// ... or more than this many.
+    /// ... or more than this many entries.
     pub max_shrink_count: u64,
     /// Deletion budget: a token bucket of `evict_burst` tokens refilled at
     /// `evict_rate_per_min`...

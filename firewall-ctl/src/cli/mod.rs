@@ -374,16 +374,37 @@ fn approve(state_dir: &std::path::Path, yes: bool, peers: &[String]) -> anyhow::
     let st: ControllerStatus = state::read_json(&state_dir.join(state::STATUS_FILE))?
         .with_context(|| format!("no controller status in {}: is `firewall-ctl run` running with this state directory?", state_dir.display()))?;
     let held = st.core.held;
+    let waiting: Vec<_> = st
+        .core
+        .awaiting_approval
+        .iter()
+        .filter(|a| !held.contains(&a.peer))
+        .collect();
     if let Some(f) = &st.core.freeze {
         println!("guard: {}", f.describe());
     }
-    if held.is_empty() && peers.is_empty() {
-        println!("no deletions are held");
+    if held.is_empty() && waiting.is_empty() && peers.is_empty() {
+        println!("no deletions are held or awaiting approval");
         return Ok(());
     }
-    println!("held deletions ({}):", held.len());
-    for h in &held {
-        println!("  {h}");
+    if !held.is_empty() {
+        println!("held deletions, grace over ({}):", held.len());
+        for h in &held {
+            println!("  {h}");
+        }
+    }
+    if !waiting.is_empty() {
+        println!(
+            "held when their grace ends ({}; an approval now applies then):",
+            waiting.len()
+        );
+        for a in &waiting {
+            println!(
+                "  {}  grace ends in {} s",
+                a.peer,
+                a.evict_at_ms.saturating_sub(st.core.now_ms).div_ceil(1000)
+            );
+        }
     }
     let chosen = peers
         .iter()

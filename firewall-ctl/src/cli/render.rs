@@ -186,6 +186,17 @@ pub(super) fn print_controller(ctl: Option<&ControllerStatus>) {
             if a.graceful { " (left gracefully)" } else { "" }
         );
     }
+    for a in c
+        .awaiting_approval
+        .iter()
+        .filter(|a| !c.held.contains(&a.peer))
+    {
+        println!(
+            "  held when its grace ends in {} s: {} (run `firewall-ctl approve` to review)",
+            a.evict_at_ms.saturating_sub(c.now_ms).div_ceil(1000),
+            a.peer
+        );
+    }
     for h in &c.held {
         println!("  held   {h} (run `firewall-ctl approve` to review)");
     }

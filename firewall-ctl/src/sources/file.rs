@@ -132,10 +132,29 @@ pub fn parse(bytes: &[u8], path: &Path) -> Discovery {
                     Err(_) => bad.note(&sm.addr),
                 }
             }
-            let meta = SourceMeta {
-                revision: None,
-                healthy: true,
-                health_reason: None,
+            // The Serf RPC source's health rule, for the same data written to
+            // a file: an agent that sees no alive member but itself (restarted
+            // with its seeds down, or cut off) reports a fleet of one. The
+            // list includes the agent itself, so that is at most one alive.
+            let alive = out
+                .iter()
+                .filter(|m| m.status == MemberStatus::Alive)
+                .count();
+            let meta = if alive <= 1 && !out.is_empty() {
+                SourceMeta {
+                    revision: None,
+                    healthy: false,
+                    health_reason: Some(format!(
+                        "{}: the Serf member list has {alive} alive member (the agent itself, restarted with its seeds down or partitioned); deletions freeze",
+                        path.display()
+                    )),
+                }
+            } else {
+                SourceMeta {
+                    revision: None,
+                    healthy: true,
+                    health_reason: None,
+                }
             };
             finish(out, bad, true, meta)
         }
@@ -238,6 +257,19 @@ mod tests {
         };
         assert_eq!(members[0].net.to_string(), "198.18.0.11/32");
         assert_eq!(members[1].status, MemberStatus::Failed);
+        // One alive member, the agent itself: a clean-looking list that is
+        // not evidence of absence (the Serf RPC source's rule).
+        let Discovery::Complete { meta, .. } = with(serf) else {
+            panic!()
+        };
+        assert!(!meta.healthy);
+        assert!(meta.health_reason.unwrap().contains("1 alive member"));
+        let two = r#"{"members":[{"name":"n1","addr":"198.18.0.11:7946","status":"alive"},
+                                {"name":"n2","addr":"198.18.0.12:7946","status":"alive"}]}"#;
+        let Discovery::Complete { meta, .. } = with(two) else {
+            panic!()
+        };
+        assert!(meta.healthy);
         for bad in [
             "",
             "   \n",
