@@ -525,6 +525,16 @@ impl Core {
         self.plan();
     }
 
+    /// New guards from a reloaded config. Absences (and their clocks), holds
+    /// and approvals stay; the deletion budget keeps its tokens, capped at
+    /// the new burst, so a reload never grants a fresh burst of evictions.
+    pub fn set_guards(&mut self, now: u64, g: Guards) {
+        self.set_now(now);
+        self.budget.milli = self.budget.milli.min(g.evict_burst * 1000);
+        self.g = g;
+        self.plan();
+    }
+
     /// Operator approval of held deletions (all, or the listed ones). It lifts
     /// the shrink guard for exactly those peers; no other guard can be approved
     /// away, and the grace TTL still applies.

@@ -300,3 +300,93 @@ fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
         "{kills} SIGKILLs ({mid_stage} between stage and flip), {commits} commits, {cleaned} half-staged entries cleaned up on restart"
     );
 }
+
+#[test]
+fn sighup_reloads_guards_keeps_state_and_refuses_a_bad_config() {
+    firewall_tests::require_kernel!();
+    let p = Pair::new(34);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let live = [p.b4(2), p.b4(3), p.b4(4)];
+    let gone = p.b4(5);
+    // A grace of an hour: nothing is evicted under the first config.
+    let (peers, cfg, mut d) = start(
+        &p,
+        &pins,
+        &dir,
+        &[live[0], live[1], live[2], gone],
+        "grace_ms = 3600000\ngraceful_grace_ms = 3600000",
+        &[],
+    );
+    let traffic = Traffic::start(&p.b, &live, &p.a, p.a4(), PORT, 10);
+    write_peers(&peers, 2, &live);
+    assert!(wait_for(Duration::from_secs(10), || {
+        d.status()
+            .is_some_and(|s| !s["core"]["absent"].as_array().unwrap().is_empty())
+    }));
+    let generation = d.status().unwrap()["core"]["generation"].as_u64().unwrap();
+    // An invalid config: refused, the old one stays, the daemon runs on.
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        good.replace("grace_ms = 3600000\n", "grace_ms = \"soon\"\n"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(10), || d
+            .audit()
+            .iter()
+            .any(|e| e["event"] == "reload_refused")),
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.wait_exit(Duration::from_millis(500)).is_none(),
+        "still running"
+    );
+    // A good one with a 1 s grace: the absence that began under the old
+    // config keeps its clock, and the peer goes.
+    std::fs::write(
+        &cfg,
+        good.replace(
+            "grace_ms = 3600000\ngraceful_grace_ms = 3600000",
+            "grace_ms = 1000\ngraceful_grace_ms = 1000",
+        ),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(20), || !peer_list(&p, &pins)
+            .contains(&format!("{gone}/32"))),
+        "not evicted after the reload: {}",
+        d.log()
+    );
+    let audit = d.audit();
+    let reloaded = audit
+        .iter()
+        .find(|e| e["event"] == "reloaded")
+        .expect("the reload is in the audit log");
+    assert_eq!(reloaded["changed"], serde_json::json!(["guards"]));
+    // The datapath was never reloaded: no commit lost, no generation skipped
+    // back, and the live peers never dropped a packet.
+    let now = d.status().unwrap()["core"]["generation"].as_u64().unwrap();
+    assert!(now > generation);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_no_loss(&traffic.stop(), &live);
+    // pin_dir cannot move on a reload.
+    std::fs::write(
+        &cfg,
+        good.replace(&pins.path.display().to_string(), "/sys/fs/bpf/elsewhere"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(10), || d.audit().iter().any(
+        |e| e["event"] == "reload_refused" && e["error"].as_str().unwrap().contains("pin_dir")
+    )));
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+}

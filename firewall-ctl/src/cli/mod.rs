@@ -343,7 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let r = rt.block_on(daemon::run(cfg));
+            let r = rt.block_on(daemon::run(cfg, config));
             // A discovery read still running on a blocking thread must not hold
             // up the exit after SIGTERM: it only reads a file.
             rt.shutdown_timeout(Duration::from_secs(1));

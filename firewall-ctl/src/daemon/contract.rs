@@ -99,6 +99,14 @@ pub enum AuditEvent {
     Stopped {
         generation: u64,
     },
+    /// SIGHUP: the config was read again and these parts of it changed.
+    Reloaded {
+        changed: Vec<String>,
+    },
+    /// SIGHUP with a config that cannot be used: the old one stays.
+    ReloadRefused {
+        error: String,
+    },
 }
 
 #[cfg(test)]

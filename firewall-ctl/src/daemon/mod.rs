@@ -6,6 +6,9 @@
 //! state directory: `state.json` (persisted core state), `audit.jsonl`,
 //! `status.json`, and `metrics.prom` (Prometheus text format, for a textfile
 //! collector). SIGTERM or SIGINT stops it; the datapath keeps enforcing.
+//! SIGHUP re-reads the config (`reload`): guards, source, interfaces and
+//! tick take effect with all state kept; a config it cannot use is refused
+//! and the old one stays.
 
 use std::{
     path::{Path, PathBuf},
@@ -455,7 +458,55 @@ fn ensure_attached(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Read the config again (SIGHUP) and say what would change, or why the new
+/// one cannot be taken. The pin and state directories are where the
+/// controller's locks and the adopted datapath live: moving them needs a
+/// restart.
+fn reload(old: &Config, path: &std::path::Path) -> Result<(Config, Vec<String>), String> {
+    let new = Config::load(path).map_err(|e| format!("{e:#}"))?;
+    if new.pin_dir != old.pin_dir || new.state_dir != old.state_dir {
+        return Err(
+            "pin_dir and state_dir cannot change on reload (they hold the locks and the adopted datapath): restart the controller to move them; the old config stays in force"
+                .to_string(),
+        );
+    }
+    let mut changed = Vec::new();
+    if new.guards != old.guards {
+        changed.push("guards".to_string());
+    }
+    if new.discovery != old.discovery {
+        changed.push("discovery".to_string());
+    }
+    if new.interfaces != old.interfaces {
+        changed.push("interfaces".to_string());
+    }
+    if new.tick_ms != old.tick_ms {
+        changed.push("tick_ms".to_string());
+    }
+    Ok((new, changed))
+}
+
+fn spawn_source(
+    cfg: &Config,
+) -> anyhow::Result<(
+    mpsc::Receiver<Discovery>,
+    Option<notify::RecommendedWatcher>,
+)> {
+    Ok(match cfg.discovery.clone() {
+        SourceConfig::File {
+            path,
+            poll_ms,
+            max_bytes,
+        } => {
+            let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
+            (rx, Some(w))
+        }
+        SourceConfig::Serf(sc) => (sources::serf::spawn(sc, cfg.guards.max_members), None),
+        SourceConfig::Etcd(ec) => (sources::etcd::spawn(ec, cfg.guards.max_members), None),
+    })
+}
+
+pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     crate::sys::check_privileges()?;
     // Large buffers (a discovery file, its parse, a commit's change list) are
     // allocated and freed once per change. glibc raises its mmap threshold
@@ -510,22 +561,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "adopted the pinned datapath"
     );
 
-    let (mut rx, _watcher) = match d.cfg.discovery.clone() {
-        SourceConfig::File {
-            path,
-            poll_ms,
-            max_bytes,
-        } => {
-            let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
-            (rx, Some(w))
-        }
-        SourceConfig::Serf(sc) => (sources::serf::spawn(sc, d.cfg.guards.max_members), None),
-        SourceConfig::Etcd(ec) => (sources::etcd::spawn(ec, d.cfg.guards.max_members), None),
-    };
+    let (mut rx, mut _watcher) = spawn_source(&d.cfg)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let tick = Duration::from_millis(d.cfg.tick_ms);
-    let stall_ms = stall_ms(&d.cfg.discovery);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut tick = Duration::from_millis(d.cfg.tick_ms);
+    let mut stall_ms = stall_ms(&d.cfg.discovery);
     let mut last_result_ms = now_ms();
     let mut source_failing = Condition::default();
     let mut stalled = false;
@@ -563,6 +604,41 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => match reload(&d.cfg, &config_path) {
+                Err(error) => {
+                    tracing::error!(%error, "reload refused; the old config stays in force");
+                    d.audit(AuditEvent::ReloadRefused { error });
+                }
+                Ok((new, changed)) => {
+                    let now = now_ms();
+                    if changed.iter().any(|c| c == "interfaces") {
+                        // Interfaces are only ever added by the controller:
+                        // one dropped from the config stays protected until
+                        // an operator detaches it.
+                        if let Err(e) = ensure_attached(&new) {
+                            let error = format!("attaching the new interfaces: {e:#}");
+                            tracing::error!(%error, "reload refused; the old config stays in force");
+                            d.audit(AuditEvent::ReloadRefused { error });
+                            continue;
+                        }
+                    }
+                    if changed.iter().any(|c| c == "discovery") {
+                        // The old source's task ends when its receiver goes.
+                        let (r, w) = spawn_source(&new)?;
+                        rx = r;
+                        _watcher = w;
+                        stall_ms = self::stall_ms(&new.discovery);
+                        last_result_ms = now;
+                    }
+                    if changed.iter().any(|c| c == "guards") {
+                        d.core.set_guards(now, new.guards.clone());
+                    }
+                    tick = Duration::from_millis(new.tick_ms);
+                    tracing::info!(?changed, "config reloaded");
+                    d.cfg = new;
+                    d.audit(AuditEvent::Reloaded { changed });
+                }
+            },
         }
         d.check_approval()?;
         d.persist()?;
