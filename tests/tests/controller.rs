@@ -390,3 +390,66 @@ fn sighup_reloads_guards_keeps_state_and_refuses_a_bad_config() {
             .is_some_and(|s| s.success())
     );
 }
+
+#[test]
+fn logs_are_json_lines_with_fields_and_a_reload_changes_the_level() {
+    firewall_tests::require_kernel!();
+    let p = Pair::new(35);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let peers_now = [p.b4(2), p.b4(3)];
+    let (peers, cfg, mut d) = start(
+        &p,
+        &pins,
+        &dir,
+        &peers_now,
+        "grace_ms = 60000\ngraceful_grace_ms = 60000\n[log]\nformat = \"json\"\nlevel = \"info\"",
+        &[],
+    );
+    let lines = |d: &Daemon| -> Vec<serde_json::Value> {
+        d.log()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    let adopted = lines(&d)
+        .into_iter()
+        .find(|l| l["fields"]["message"] == "adopted the pinned datapath")
+        .expect("the start is logged");
+    assert_eq!(adopted["level"], "INFO");
+    assert!(adopted["fields"]["generation"].is_u64(), "{adopted}");
+    assert!(
+        !lines(&d).iter().any(|l| l["level"] == "DEBUG"),
+        "no debug lines at info"
+    );
+    // Debug on reload: the next discovery result is logged with its fields.
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, good.replace("level = \"info\"", "level = \"debug\"")).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(10), || d.audit().iter().any(
+        |e| e["event"] == "reloaded" && e["changed"] == serde_json::json!(["log.level"])
+    )));
+    write_peers(&peers, 2, &peers_now);
+    assert!(
+        wait_for(Duration::from_secs(10), || lines(&d).iter().any(
+            |l| l["level"] == "DEBUG"
+                && l["fields"]["message"] == "discovery result"
+                && l["fields"]["members"] == 2
+        )),
+        "{}",
+        d.log()
+    );
+    // The format cannot change under a running daemon.
+    std::fs::write(&cfg, good.replace("format = \"json\"", "format = \"text\"")).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(10), || d
+        .audit()
+        .iter()
+        .any(|e| e["event"] == "reload_refused"
+            && e["error"].as_str().unwrap().contains("log.format"))));
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+}

@@ -3,6 +3,7 @@
 //! README.md for the exit codes.
 
 pub mod exit;
+pub mod log;
 mod monitor;
 mod render;
 
@@ -171,13 +172,12 @@ enum PeersCmd {
 
 /// The whole CLI: parse, run, map the error to an exit code.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // `run` logs as its config says (and installs logging itself, once its
+    // config is read); every other command logs text to stderr.
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        log::init(crate::daemon::config::LogFormat::Text, None);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -339,7 +339,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_controller(ctl.as_ref());
         }
         Cmd::Run { config } => {
-            let cfg = Config::load(&config)?;
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::init(crate::daemon::config::LogFormat::Text, None);
+                    return Err(e.into());
+                }
+            };
+            log::init(cfg.log.format, cfg.log.level.as_deref());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

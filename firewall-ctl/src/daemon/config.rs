@@ -64,6 +64,32 @@ pub struct Config {
     /// Timer granularity of the daemon loop.
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: where the daemon's events go and how much of them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `debug`, `firewall_ctl=debug,warn`). Unset:
+    /// `RUST_LOG`, else `info`. A reload (SIGHUP) applies a new level at once.
+    pub level: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// The journal when systemd connected stderr to it (`JOURNAL_STREAM`),
+    /// text on stderr otherwise.
+    #[default]
+    Auto,
+    Text,
+    /// One JSON object per line, with the event's fields.
+    Json,
+    Journald,
 }
 
 /// A config file is a few KiB; this bound only stops a wrong path (a device,
@@ -93,6 +119,13 @@ impl Config {
         }
         if c.tick_ms == 0 || c.tick_ms > 60_000 {
             return Err(invalid("tick_ms must be 1..=60000".into()));
+        }
+        if let Some(l) = &c.log.level {
+            tracing_subscriber::EnvFilter::try_new(l).map_err(|e| {
+                invalid(format!(
+                    "log.level `{l}` is not a filter ({e}): use e.g. \"info\" or \"firewall_ctl=debug,warn\""
+                ))
+            })?;
         }
         Ok(c)
     }

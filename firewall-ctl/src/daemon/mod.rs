@@ -483,6 +483,17 @@ fn reload(old: &Config, path: &std::path::Path) -> Result<(Config, Vec<String>),
     if new.tick_ms != old.tick_ms {
         changed.push("tick_ms".to_string());
     }
+    if new.log.level != old.log.level {
+        changed.push("log.level".to_string());
+    }
+    if new.log.format != old.log.format {
+        // The subscriber is installed once; swapping its format under the
+        // running tasks is not worth the risk of losing lines.
+        return Err(
+            "log.format cannot change on reload: restart the controller for a new format; the old config stays in force"
+                .to_string(),
+        );
+    }
     Ok((new, changed))
 }
 
@@ -578,6 +589,12 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
             r = rx.recv() => match r {
                 Some(disc) => {
                     let now = now_ms();
+                    tracing::debug!(
+                        kind = disc.kind(),
+                        members = disc.members().len(),
+                        revision = ?disc.meta().revision,
+                        "discovery result"
+                    );
                     last_result_ms = now;
                     stalled = false;
                     let failure = match &disc {
@@ -632,6 +649,12 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                     }
                     if changed.iter().any(|c| c == "guards") {
                         d.core.set_guards(now, new.guards.clone());
+                    }
+                    if changed.iter().any(|c| c == "log.level") {
+                        let level = new.log.level.as_deref().unwrap_or("info");
+                        if let Err(e) = crate::cli::log::set_level(level) {
+                            tracing::error!(error = %e, "log.level not applied");
+                        }
                     }
                     tick = Duration::from_millis(new.tick_ms);
                     tracing::info!(?changed, "config reloaded");
