@@ -64,6 +64,19 @@ pub enum Freeze {
 }
 
 impl Freeze {
+    /// The guard's name, as in `status.json` and the metrics' `guard` label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Freeze::NotSynced => "not_synced",
+            Freeze::Failed { .. } => "failed",
+            Freeze::Partial { .. } => "partial",
+            Freeze::Empty => "empty",
+            Freeze::Unhealthy { .. } => "unhealthy",
+            Freeze::Stale { .. } => "stale",
+            Freeze::Shrink { .. } => "shrink",
+            Freeze::Invalid { .. } => "invalid",
+        }
+    }
     pub fn describe(&self) -> String {
         match self {
             Freeze::NotSynced => "no clean discovery result since start (first-sync gate)".into(),

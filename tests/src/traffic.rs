@@ -376,3 +376,25 @@ pub fn raw_send(src: IpAddr, dst: IpAddr, proto: i32, msg: &[u8]) -> std::io::Re
         if r < 0 { Err(e) } else { Ok(()) }
     }
 }
+
+/// `GET path` over HTTP/1.1 from inside `ns`: (status, body), or None if the
+/// connection failed. Bounded: 5 s, 4 MiB.
+pub fn http_get(ns: &Ns, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    ns.run(move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut buf = Vec::new();
+        s.take(4 << 20).read_to_end(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_string()))
+    })
+}

@@ -453,3 +453,77 @@ fn logs_are_json_lines_with_fields_and_a_reload_changes_the_level() {
             .is_some_and(|s| s.success())
     );
 }
+
+#[test]
+fn metrics_health_and_readiness_over_http() {
+    firewall_tests::require_kernel!();
+    let p = Pair::new(36);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let live = [p.b4(2), p.b4(3)];
+    let addr: std::net::SocketAddr = "127.0.0.1:9464".parse().unwrap();
+    let (peers, cfg, mut d) = start(
+        &p,
+        &pins,
+        &dir,
+        &live,
+        "grace_ms = 60000\ngraceful_grace_ms = 60000\n[metrics]\nlisten = \"127.0.0.1:9464\"",
+        &[],
+    );
+    let get = |path: &str| firewall_tests::http_get(&p.a, addr, path);
+    assert!(wait_for(Duration::from_secs(10), || get("/readyz")
+        .is_some_and(|(s, _)| s == 200)));
+    assert_eq!(get("/healthz").unwrap(), (200, "ok\n".to_string()));
+    // Traffic from a peer and from a stranger, then the counters.
+    assert!(p.b.ping(p.b4(2), p.a4()));
+    assert!(!p.b.ping(p.b4(9), p.a4()));
+    let (status, m) = get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    let has = |line: &str| m.lines().any(|l| l.starts_with(line));
+    for want in [
+        "# TYPE firewall_commits counter",
+        "firewall_commits_total{outcome=\"ok\"} ",
+        "firewall_evictions_total ",
+        "# TYPE firewall_commit_duration_seconds histogram",
+        "firewall_peers{origin=\"discovery\",family=\"ipv4\"} 2",
+        "firewall_deletions_frozen 0",
+        "firewall_synced 1",
+        "firewall_source_last_result{kind=\"complete\"} 1",
+    ] {
+        assert!(has(want), "{want} in\n{m}");
+    }
+    let packets = |verdict: &str, reason: &str| -> u64 {
+        let prefix = format!(
+            "firewall_packets_total{{iface=\"{}\",verdict=\"{verdict}\",reason=\"{reason}\"}} ",
+            p.a_if
+        );
+        m.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} in\n{m}"))
+    };
+    assert!(packets("pass", "peer") >= 1);
+    assert!(packets("drop", "default_drop") >= 1);
+    // An empty discovery file: the guard is in force and named.
+    firewall_tests::write_raw(&peers, "{\"revision\": 9, \"peers\": []}");
+    assert!(wait_for(Duration::from_secs(10), || get("/metrics")
+        .is_some_and(|(_, m)| m
+            .contains("firewall_guard{guard=\"empty\"} 1")
+            && m.contains("firewall_deletions_frozen 1"))));
+    // Readiness needs the attachment: detach, and it says why.
+    fwctl_ok(&p.a, &pins, &format!("detach --iface {}", p.a_if));
+    let (s, body) = get("/readyz").unwrap();
+    assert_eq!(s, 503);
+    assert!(body.contains("is not attached"), "{body}");
+    // Off after a reload without [metrics].
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[metrics]\nlisten = \"127.0.0.1:9464\"", ""),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(10), || get("/healthz").is_none()));
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some());
+}

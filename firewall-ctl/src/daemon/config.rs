@@ -66,6 +66,15 @@ pub struct Config {
     pub tick_ms: u64,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[metrics] listen = "127.0.0.1:9464"`: serve /metrics, /healthz and
+    /// /readyz there. Off when absent.
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[log]`: where the daemon's events go and how much of them.

@@ -16,11 +16,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
 use tokio::sync::mpsc;
 
 pub mod config;
 pub mod contract;
+pub mod metrics;
 pub mod state;
 
 use config::{Config, SourceConfig};
@@ -161,86 +161,13 @@ impl Condition {
     }
 }
 
-struct Metrics {
-    registry: Registry,
-    generation: Gauge,
-    peers: Gauge,
-    absent: Gauge,
-    held: Gauge,
-    frozen: Gauge,
-    synced: Gauge,
-    evictions: Gauge,
-    commits: Gauge,
-    failures: Gauge,
-}
-
-impl Metrics {
-    fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("firewall");
-        let m = |r: &mut Registry, name: &str, help: &str| {
-            let g = Gauge::default();
-            r.register(name, help, g.clone());
-            g
-        };
-        Metrics {
-            generation: m(
-                &mut registry,
-                "committed_generation",
-                "Committed peer generation",
-            ),
-            peers: m(&mut registry, "peers", "Entries in the committed allowlist"),
-            absent: m(
-                &mut registry,
-                "absent_peers",
-                "Discovery peers absent and not yet evicted",
-            ),
-            held: m(
-                &mut registry,
-                "held_deletions",
-                "Evictions due but blocked by a guard",
-            ),
-            frozen: m(
-                &mut registry,
-                "deletions_frozen",
-                "1 while a guard freezes every deletion",
-            ),
-            synced: m(
-                &mut registry,
-                "synced",
-                "1 once a clean discovery result was seen since start",
-            ),
-            evictions: m(&mut registry, "evictions", "Evictions since start"),
-            commits: m(&mut registry, "commits", "Commits since start"),
-            failures: m(
-                &mut registry,
-                "commit_failures",
-                "Failed commits since start",
-            ),
-            registry,
-        }
-    }
-    fn update(&self, s: &CoreStatus) -> String {
-        self.generation.set(s.generation as i64);
-        self.peers.set(s.peers as i64);
-        self.absent.set(s.absent.len() as i64);
-        self.held.set(s.held.len() as i64);
-        self.frozen.set(i64::from(s.freeze.is_some()));
-        self.synced.set(i64::from(s.synced));
-        self.evictions.set(s.evictions_total as i64);
-        self.commits.set(s.commits_total as i64);
-        self.failures.set(s.commit_failures_total as i64);
-        let mut out = String::new();
-        let _ = encode(&mut out, &self.registry);
-        out
-    }
-}
-
 struct Daemon {
     cfg: Config,
     core: Core,
     store: KernelStore,
     committed: Committed,
-    metrics: Metrics,
+    /// Metrics and health, shared with the HTTP endpoint.
+    shared: metrics::SharedState,
     /// `Core::persisted_fingerprint` of what state.json holds.
     persisted_fp: Option<u64>,
     /// The core status last published, and when.
@@ -253,6 +180,27 @@ const REPUBLISH_MS: u64 = 5_000;
 const AUDIT_LIST_MAX: usize = 1_000;
 
 impl Daemon {
+    fn shared_lock(&self) -> std::sync::MutexGuard<'_, metrics::Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the HTTP endpoint serves: the core's metrics and the health the
+    /// loop vouches for, after every turn of the loop.
+    fn refresh_shared(&self, last_result_ms: u64, stall_ms: u64) {
+        let s = self.core.status();
+        let now = now_ms();
+        let mut g = self.shared_lock();
+        g.metrics.update_core(&s, &self.committed.set, now);
+        g.health = metrics::Health {
+            loop_at_ms: now,
+            loop_limit_ms: 3 * self.cfg.tick_ms + 5_000,
+            synced: s.synced,
+            last_result_ms,
+            stall_ms,
+            interfaces: self.cfg.interfaces.clone(),
+        };
+    }
+
     fn audit(&self, event: AuditEvent) {
         let line = AuditLine {
             ts_ms: now_ms(),
@@ -303,10 +251,12 @@ impl Daemon {
             &self.cfg.state_dir.join(state::STATUS_FILE),
             &serde_json::to_vec_pretty(&v).unwrap_or_default(),
         );
-        let _ = state::replace(
-            &self.cfg.state_dir.join(state::METRICS_FILE),
-            self.metrics.update(&s).as_ref(),
-        );
+        let text = {
+            let mut g = self.shared_lock();
+            g.metrics.update_core(&s, &self.committed.set, now);
+            g.metrics.render(&self.cfg.pin_dir, now)
+        };
+        let _ = state::replace(&self.cfg.state_dir.join(state::METRICS_FILE), text.as_ref());
         self.published = (core, now);
     }
 
@@ -333,8 +283,12 @@ impl Daemon {
             let lock = CommitLock::acquire(&self.cfg.pin_dir)?;
             // Moved, not cloned: at a first sync of 1M peers a copy is 24 MB.
             let crate::core::CommitPlan { changes, evictions } = plan;
+            let t0 = std::time::Instant::now();
             let r = commit(&mut self.store, &mut self.committed, changes);
             drop(lock);
+            self.shared_lock()
+                .metrics
+                .observe_commit(t0.elapsed().as_secs_f64());
             let now = now_ms();
             match r {
                 Ok(rep) => {
@@ -486,6 +440,9 @@ fn reload(old: &Config, path: &std::path::Path) -> Result<(Config, Vec<String>),
     if new.log.level != old.log.level {
         changed.push("log.level".to_string());
     }
+    if new.metrics != old.metrics {
+        changed.push("metrics".to_string());
+    }
     if new.log.format != old.log.format {
         // The subscriber is installed once; swapping its format under the
         // running tasks is not worth the risk of losing lines.
@@ -550,11 +507,16 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         persisted,
         now,
     );
+    let pin_dir = cfg.pin_dir.clone();
     let mut d = Daemon {
         core,
         store,
         committed,
-        metrics: Metrics::new(),
+        shared: std::sync::Arc::new(std::sync::Mutex::new(metrics::Shared {
+            metrics: metrics::Metrics::new(),
+            health: metrics::Health::default(),
+            pin_dir,
+        })),
         persisted_fp: None,
         published: (Vec::new(), 0),
         cfg,
@@ -573,6 +535,10 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
     );
 
     let (mut rx, mut _watcher) = spawn_source(&d.cfg)?;
+    let mut server = match &d.cfg.metrics {
+        Some(m) => Some(metrics::serve(m.listen, d.shared.clone()).await?),
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -602,6 +568,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                         _ => None,
                     };
                     source_failing.observe(now, "discovery failed", failure);
+                    d.shared_lock().metrics.source_result(now, disc.kind());
                     d.core.handle_discovery(now, disc);
                 }
                 None => anyhow::bail!("the discovery source stopped"),
@@ -628,6 +595,26 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                 }
                 Ok((new, changed)) => {
                     let now = now_ms();
+                    if changed.iter().any(|c| c == "metrics") {
+                        // Bind the new endpoint first: a port in use refuses
+                        // the whole reload, and the old endpoint stays.
+                        let next = match &new.metrics {
+                            Some(m) => match metrics::serve(m.listen, d.shared.clone()).await {
+                                Ok(h) => Some(h),
+                                Err(e) => {
+                                    let error = format!("{e:#}");
+                                    tracing::error!(%error, "reload refused; the old config stays in force");
+                                    d.audit(AuditEvent::ReloadRefused { error });
+                                    continue;
+                                }
+                            },
+                            None => None,
+                        };
+                        if let Some(old) = server.take() {
+                            old.abort();
+                        }
+                        server = next;
+                    }
                     if changed.iter().any(|c| c == "interfaces") {
                         // Interfaces are only ever added by the controller:
                         // one dropped from the config stays protected until
@@ -667,6 +654,10 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         d.persist()?;
         d.act()?;
         d.publish(true);
+        d.refresh_shared(last_result_ms, stall_ms);
+    }
+    if let Some(s) = server {
+        s.abort();
     }
     d.persist()?;
     d.publish(false);
