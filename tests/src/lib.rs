@@ -56,6 +56,24 @@ pub fn kernel_available(test: &str) -> bool {
     }
 }
 
+/// True if `path` (a program set-up installs) is there. Otherwise, as for
+/// the kernel: under CI the test fails, elsewhere it is reported as not run.
+pub fn tool_available(test: &str, path: &str) -> bool {
+    if Path::new(path).exists() {
+        return true;
+    }
+    let w = format!("{path} is missing (run `cargo xtask setup`)");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: cannot run under CI: {w}");
+    }
+    eprintln!("SKIPPED {test}: {w}");
+    if let Some(dir) = std::env::var_os("FIREWALL_SKIPPED_DIR") {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(Path::new(&dir).join(test), w.as_bytes());
+    }
+    false
+}
+
 /// The first line of every kernel test: returns from the test (reported as
 /// skipped by `cargo xtask test`, failed under `CI=true`) when the kernel
 /// cannot be reached. The test's own name is the marker, so it cannot drift.

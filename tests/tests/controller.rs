@@ -489,6 +489,7 @@ fn metrics_health_and_readiness_over_http() {
         "firewall_deletions_frozen 0",
         "firewall_synced 1",
         "firewall_source_last_result{kind=\"complete\"} 1",
+        &format!("firewall_interface_attached{{iface=\"{}\"}} 1", p.a_if),
     ] {
         assert!(has(want), "{want} in\n{m}");
     }

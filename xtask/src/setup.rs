@@ -57,6 +57,11 @@ pub const PACKAGES: &[Package] = &[
         why: "the nftables baseline",
     },
     Package {
+        name: "prometheus",
+        uses: &["/usr/bin/prometheus", "/usr/bin/promtool"],
+        why: "checking the shipped alert rules, and a real Prometheus scraping the controller",
+    },
+    Package {
         name: "tcpdump",
         uses: &["/usr/bin/tcpdump"],
         why: "reading back `monitor --pcap` files in the node tests",

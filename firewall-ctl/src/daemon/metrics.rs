@@ -77,6 +77,9 @@ pub struct Metrics {
     packets: Family<PacketLabels, Counter>,
     events: Family<IfaceLabels, Counter>,
     suppressed: Family<IfaceLabels, Counter>,
+    attached: Family<IfaceLabels, Gauge>,
+    /// The interfaces the config names (for `interface_attached`).
+    pub interfaces: Vec<String>,
     /// Running totals already counted, so counters advance by differences.
     seen: HashMap<String, u64>,
     /// The guard in force and since when (ms).
@@ -172,6 +175,12 @@ impl Metrics {
                 "Drop events the rate limit (or a full ring) suppressed",
                 Family::default()
             ),
+            attached: reg!(
+                "interface_attached",
+                "1 while the firewall is attached to a configured interface",
+                Family::default()
+            ),
+            interfaces: Vec::new(),
             registry: r,
             seen: HashMap::new(),
             guard_state: None,
@@ -277,6 +286,14 @@ impl Metrics {
 
     /// The datapath's per-interface counters, read now.
     fn update_datapath(&mut self, pin_dir: &std::path::Path) {
+        for i in &self.interfaces {
+            let linked = crate::datapath::attach::iface_dir(pin_dir, i)
+                .join("link")
+                .exists();
+            self.attached
+                .get_or_create(&IfaceLabels { iface: i.clone() })
+                .set(i64::from(linked));
+        }
         for iface in status::interfaces(pin_dir) {
             let path = crate::datapath::attach::iface_dir(pin_dir, &iface)
                 .join(firewall_common::names::COUNTERS);

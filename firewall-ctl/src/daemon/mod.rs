@@ -191,6 +191,7 @@ impl Daemon {
         let now = now_ms();
         let mut g = self.shared_lock();
         g.metrics.update_core(&s, &self.committed.set, now);
+        g.metrics.interfaces.clone_from(&self.cfg.interfaces);
         g.health = metrics::Health {
             loop_at_ms: now,
             loop_limit_ms: 3 * self.cfg.tick_ms + 5_000,
