@@ -155,7 +155,7 @@ fn etcd_bulk_deletion_is_held_until_approved() {
         &format!("approve --state-dir {}", dir.0.join("state").display()),
     );
     assert!(
-        show.contains("held deletions (5)") && show.contains("--yes"),
+        show.contains("held deletions, grace over (5)") && show.contains("--yes"),
         "{show}"
     );
     assert_eq!(
