@@ -38,40 +38,37 @@ pub fn kernel_available(test: &str) -> bool {
     };
     match why {
         None => true,
-        Some(w) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: cannot run under CI: {w}")
-        }
-        Some(w) => {
-            eprintln!("SKIPPED {test}: {w}");
-            // libtest counts a test that returns early as passed. `cargo xtask
-            // test` sets FIREWALL_SKIPPED_DIR and moves every test named there
-            // from "passed" to "skipped", so a run that could not reach the
-            // kernel never reads as a green one.
-            if let Some(dir) = std::env::var_os("FIREWALL_SKIPPED_DIR") {
-                let _ = std::fs::create_dir_all(&dir);
-                let _ = std::fs::write(Path::new(&dir).join(test), w.as_bytes());
-            }
-            false
-        }
+        Some(w) => not_run(test, &w),
     }
+}
+
+/// A test that cannot run here: under CI (`CI=true`) it fails; elsewhere
+/// it says why and is recorded as not run. Returns false, for the caller to
+/// return early.
+fn not_run(test: &str, why: &str) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: cannot run under CI: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    // libtest counts a test that returns early as passed. `cargo xtask test`
+    // sets FIREWALL_SKIPPED_DIR and moves every test named there from
+    // "passed" to "skipped", so a run that could not reach what it needs
+    // never reads as a green one.
+    if let Some(dir) = std::env::var_os("FIREWALL_SKIPPED_DIR") {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(Path::new(&dir).join(test), why.as_bytes());
+    }
+    false
 }
 
 /// True if `path` (a program set-up installs) is there. Otherwise, as for
 /// the kernel: under CI the test fails, elsewhere it is reported as not run.
 pub fn tool_available(test: &str, path: &str) -> bool {
-    if Path::new(path).exists() {
-        return true;
-    }
-    let w = format!("{path} is missing (run `cargo xtask setup`)");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: cannot run under CI: {w}");
-    }
-    eprintln!("SKIPPED {test}: {w}");
-    if let Some(dir) = std::env::var_os("FIREWALL_SKIPPED_DIR") {
-        let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(Path::new(&dir).join(test), w.as_bytes());
-    }
-    false
+    Path::new(path).exists()
+        || not_run(
+            test,
+            &format!("{path} is missing (run `cargo xtask setup`)"),
+        )
 }
 
 /// The first line of every kernel test: returns from the test (reported as

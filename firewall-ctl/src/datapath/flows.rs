@@ -57,24 +57,23 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn open(pin_dir: &Path) -> Result<HashMap<MapData, u64, FlowVal>, LayoutError> {
+/// The pinned flow table, checked, and its capacity.
+fn open(pin_dir: &Path) -> Result<(HashMap<MapData, u64, FlowVal>, u32), LayoutError> {
     let data = check_pin(pin_dir, &pin_dir.join(names::FLOWS), names::FLOWS)?
         .ok_or_else(|| LayoutError::NotAttached(pin_dir.into()))?;
-    HashMap::try_from(Map::LruHashMap(data)).map_err(|source| LayoutError::Open {
+    let max = data.info().map(|i| i.max_entries()).unwrap_or(0);
+    let map = HashMap::try_from(Map::LruHashMap(data)).map_err(|source| LayoutError::Open {
         path: pin_dir.join(names::FLOWS),
         source,
-    })
+    })?;
+    Ok((map, max))
 }
 
-/// (flows in the table, its capacity), for `status`; `None` if unreadable.
+/// (flows in the table, its capacity), for `status`; `(None, 0)` if unreadable.
 pub fn count(pin_dir: &Path) -> (Option<u64>, u32) {
-    let Ok(Some(data)) = check_pin(pin_dir, &pin_dir.join(names::FLOWS), names::FLOWS) else {
-        return (None, 0);
-    };
-    let max = data.info().map(|i| i.max_entries()).unwrap_or(0);
-    match HashMap::<_, u64, FlowVal>::try_from(Map::LruHashMap(data)) {
-        Ok(m) => (Some(m.keys().flatten().count() as u64), max),
-        Err(_) => (None, max),
+    match open(pin_dir) {
+        Ok((m, max)) => (Some(m.keys().flatten().count() as u64), max),
+        Err(_) => (None, 0),
     }
 }
 
@@ -83,7 +82,7 @@ pub fn count(pin_dir: &Path) -> (Option<u64>, u32) {
 pub fn list(pin_dir: &Path) -> Result<Vec<FlowRow>, LayoutError> {
     check_dir(pin_dir)?;
     let timeouts = KernelStore::open(pin_dir)?.control().flow_timeout_ns;
-    let map = open(pin_dir)?;
+    let (map, _) = open(pin_dir)?;
     let now = monotonic_ns();
     let secs = |ns: u64| ns as f64 / 1e9;
     let mut rows: Vec<FlowRow> = map
