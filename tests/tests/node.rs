@@ -369,12 +369,20 @@ fn monitor_shows_drops_as_json_and_pcap_and_a_flood_is_rate_limited_in_the_kerne
     }
     // A second monitor on the same pin directory is refused while one runs.
     let mut first = monitor(&p, &pins, "--duration 30");
-    assert!(wait_for(Duration::from_secs(5), || {
+    // Let the first one take the lock before the second tries: started
+    // together, the second could win and the first be the one refused.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first monitor runs"
+    );
+    assert_eq!(
         fwctl(&p.a, &pins, "monitor --count 1 --duration 1")
             .status
-            .code()
-            == Some(5)
-    }));
+            .code(),
+        Some(5),
+        "a second monitor is refused"
+    );
     first.kill().unwrap();
     let _ = first.wait();
     // pcap: tcpdump reads it back.
