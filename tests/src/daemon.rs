@@ -64,6 +64,17 @@ impl Daemon {
         Daemon::start_env(ns, config, state_dir, &[])
     }
     pub fn start_env(ns: &Ns, config: &Path, state_dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_as(ns, config, state_dir, env, &[])
+    }
+    /// With `wrapper` (e.g. a `setpriv` command line) between nsenter and
+    /// firewall-ctl; it must exec, so the child's PID stays the daemon's.
+    pub fn start_as(
+        ns: &Ns,
+        config: &Path,
+        state_dir: &Path,
+        env: &[(&str, &str)],
+        wrapper: &[String],
+    ) -> Daemon {
         let log = File::options()
             .create(true)
             .append(true)
@@ -73,6 +84,7 @@ impl Daemon {
         // the child's PID is the daemon's.
         let child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
+            .args(wrapper)
             .arg(fwctl_bin())
             .args(["run", "--config"])
             .arg(config)
@@ -157,3 +169,42 @@ pub fn write_raw(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// The capabilities the shipped unit grants, as `setpriv` spells them.
+pub const UNIT_CAPS: &str = "+bpf,+net_admin,+perfmon";
+
+/// A `setpriv` command line that runs what follows as `uid` (and gid `uid`)
+/// with only the unit's capabilities: what the service's user has.
+pub fn as_unprivileged(uid: u32) -> Vec<String> {
+    vec![
+        "setpriv".into(),
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+        format!("--inh-caps=-all,{UNIT_CAPS}"),
+        format!("--ambient-caps=-all,{UNIT_CAPS}"),
+        format!("--bounding-set=-all,{UNIT_CAPS}"),
+        "--no-new-privs".into(),
+    ]
+}
+
+/// `Uid:` and `CapEff:` of a process, from /proc.
+pub fn uid_and_caps(pid: i32) -> (u32, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l[k.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    let uid = field("Uid:")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX);
+    let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap_or(0);
+    (uid, caps)
+}
+
+/// CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39): the unit's set.
+pub const UNIT_CAPS_MASK: u64 = (1 << 12) | (1 << 38) | (1 << 39);

@@ -116,8 +116,26 @@ pub const PACKAGES: &[Package] = &[
     },
     Package {
         name: "util-linux",
-        uses: &["/usr/bin/nsenter", "/usr/bin/mountpoint"],
-        why: "entering test namespaces without remounting /sys",
+        uses: &[
+            "/usr/bin/nsenter",
+            "/usr/bin/mountpoint",
+            "/usr/bin/setpriv",
+        ],
+        why: "entering test namespaces without remounting /sys; running the daemon as a non-root user",
+    },
+    Package {
+        name: "systemd",
+        uses: &[
+            "/usr/bin/systemd-analyze",
+            "/usr/bin/systemctl",
+            "/usr/bin/journalctl",
+        ],
+        why: "checking the shipped unit, and the systemd that boots in the nspawn test",
+    },
+    Package {
+        name: "systemd-container",
+        uses: &["/usr/bin/systemd-nspawn"],
+        why: "booting systemd as PID 1 to run the unit for real (it also updates systemd to its own version)",
     },
 ];
 

@@ -20,7 +20,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     for c in e.chain() {
         if let Some(e) = c.downcast_ref::<SysError>() {
             return match e {
-                SysError::NotPrivileged => PRIVILEGE,
+                SysError::NotPrivileged(_) => PRIVILEGE,
                 SysError::NoInterface(_) | SysError::NoBpffs(_) => NOT_FOUND,
             };
         }
@@ -42,7 +42,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if let Some(e) = c.downcast_ref::<AttachError>() {
             match e {
-                AttachError::Sys(SysError::NotPrivileged) => return PRIVILEGE,
+                AttachError::Sys(SysError::NotPrivileged(_)) => return PRIVILEGE,
                 AttachError::Sys(_) | AttachError::Layout(LayoutError::NotAttached(_)) => {
                     return NOT_FOUND;
                 }

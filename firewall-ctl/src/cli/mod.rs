@@ -234,9 +234,31 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Become the service's user if root and the first of `dirs` that exists
+/// belongs to it.
+fn as_owner(dirs: &[&std::path::Path]) -> anyhow::Result<()> {
+    for d in dirs {
+        if d.exists() {
+            if let Some(uid) = sys::owner::act_as_service_user(d)? {
+                tracing::debug!(uid, dir = %d.display(), "acting as the service user");
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     // One spelling of the directory for the lock, the daemon and the CLI.
     let pin_dir = crate::sys::fsafe::canonical(&cli.pin_dir);
+    // Root on a datapath the service's user owns acts as that user (see
+    // sys::owner), before anything is opened or created.
+    match &cli.cmd {
+        Cmd::Run { .. } | Cmd::Plan { .. } => {} // their config names the directories
+        Cmd::Approve { state_dir, .. } => as_owner(&[state_dir])?,
+        Cmd::Status { state_dir, .. } => as_owner(&[&pin_dir, state_dir])?,
+        _ => as_owner(&[&pin_dir])?,
+    }
     match cli.cmd {
         Cmd::Attach {
             iface,
@@ -347,6 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             log::init(cfg.log.format, cfg.log.level.as_deref());
+            as_owner(&[&cfg.pin_dir, &cfg.state_dir])?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -359,6 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Plan { config, json } => {
             sys::check_privileges()?;
             let cfg = Config::load(&config)?;
+            as_owner(&[&cfg.pin_dir, &cfg.state_dir])?;
             let plan = daemon::plan(&cfg)?;
             if json {
                 return print_json(&plan);

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 pub mod config;
 pub mod contract;
 pub mod metrics;
+pub mod sdnotify;
 pub mod state;
 
 use config::{Config, SourceConfig};
@@ -200,6 +201,17 @@ impl Daemon {
             stall_ms,
             interfaces: self.cfg.interfaces.clone(),
         };
+    }
+
+    /// Tell systemd how the turn went (a no-op outside systemd). Ready once
+    /// the controller enforces a datapath it vouches for: an adopted
+    /// committed generation, or the first clean sync on a new node.
+    fn notify_turn(&self, n: &mut sdnotify::Notifier) {
+        let s = self.core.status();
+        n.turn(
+            self.committed.generation > 0 || s.synced,
+            &sdnotify::status_line(&s),
+        );
     }
 
     fn audit(&self, event: AuditEvent) {
@@ -477,6 +489,9 @@ fn spawn_source(
 
 pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     crate::sys::check_privileges()?;
+    // Before the locks create anything under it: a clear word when bpffs is
+    // missing (a container without it, a host that never mounted it).
+    crate::sys::check_bpffs(&cfg.pin_dir)?;
     // Large buffers (a discovery file, its parse, a commit's change list) are
     // allocated and freed once per change. glibc raises its mmap threshold
     // each time such a buffer is freed, after which the next ones come from
@@ -548,6 +563,18 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
     let mut last_result_ms = now_ms();
     let mut source_failing = Condition::default();
     let mut stalled = false;
+    let mut notifier = sdnotify::Notifier::from_env();
+    if let Some(wd) = notifier.watchdog() {
+        // The loop pings once per turn and turns at least every tick.
+        if wd < 4 * tick {
+            tracing::warn!(
+                watchdog_ms = wd.as_millis() as u64,
+                tick_ms = d.cfg.tick_ms,
+                "WatchdogSec is under four ticks: a slow commit may be taken for a hang"
+            );
+        }
+    }
+    d.notify_turn(&mut notifier);
     loop {
         let wait = d.core.poll_timeout().map_or(tick, |t| {
             Duration::from_millis(t.saturating_sub(now_ms())).min(tick)
@@ -589,10 +616,11 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match reload(&d.cfg, &config_path) {
+            _ = hup.recv() => match { notifier.reloading(); reload(&d.cfg, &config_path) } {
                 Err(error) => {
                     tracing::error!(%error, "reload refused; the old config stays in force");
                     d.audit(AuditEvent::ReloadRefused { error });
+                    notifier.reloaded();
                 }
                 Ok((new, changed)) => {
                     let now = now_ms();
@@ -606,6 +634,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                                     let error = format!("{e:#}");
                                     tracing::error!(%error, "reload refused; the old config stays in force");
                                     d.audit(AuditEvent::ReloadRefused { error });
+                                    notifier.reloaded();
                                     continue;
                                 }
                             },
@@ -624,6 +653,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                             let error = format!("attaching the new interfaces: {e:#}");
                             tracing::error!(%error, "reload refused; the old config stays in force");
                             d.audit(AuditEvent::ReloadRefused { error });
+                            notifier.reloaded();
                             continue;
                         }
                     }
@@ -648,6 +678,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                     tracing::info!(?changed, "config reloaded");
                     d.cfg = new;
                     d.audit(AuditEvent::Reloaded { changed });
+                    notifier.reloaded();
                 }
             },
         }
@@ -656,7 +687,9 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         d.act()?;
         d.publish(true);
         d.refresh_shared(last_result_ms, stall_ms);
+        d.notify_turn(&mut notifier);
     }
+    notifier.stopping();
     if let Some(s) = server {
         s.abort();
     }

@@ -35,7 +35,8 @@ pub enum UnsafePath {
         "{path} is not a directory (a symlink or a file is in the way): remove it and run again"
     )]
     NotDir { path: PathBuf },
-    #[error("{path}: {source}")]
+    // The source follows in the error chain (`{:#}`), not in this message.
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod fsafe;
 pub mod lock;
+pub mod owner;
 
 use std::{
     ffi::CString,
@@ -20,9 +21,9 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum SysError {
     #[error(
-        "firewall-ctl needs root, or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON: run it with sudo"
+        "firewall-ctl needs root, or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (missing: {0}): run it with sudo, or as the service's user with those capabilities (see the README's \"Least privilege\")"
     )]
-    NotPrivileged,
+    NotPrivileged(String),
     #[error("interface `{0}` not found in this network namespace: list interfaces with `ip link`")]
     NoInterface(String),
     #[error(
@@ -44,16 +45,34 @@ fn cap_eff() -> u64 {
         .unwrap_or(0)
 }
 
+/// The capabilities firewall-ctl needs, and why (the README lists them too):
+/// CAP_BPF to create maps and load programs; CAP_PERFMON because the verifier
+/// refuses packet-pointer arithmetic without it ("pointer arithmetic with it
+/// prohibited for !root"); CAP_NET_ADMIN to attach XDP and tcx to an
+/// interface. CAP_SYS_ADMIN stands in for the first two, as the kernel has it.
 pub fn check_privileges() -> Result<(), SysError> {
     const CAP_NET_ADMIN: u64 = 12;
     const CAP_SYS_ADMIN: u64 = 21;
+    const CAP_PERFMON: u64 = 38;
     const CAP_BPF: u64 = 39;
     let c = cap_eff();
     let has = |b: u64| c & (1 << b) != 0;
-    if has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
+    let mut missing = Vec::new();
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_SYS_ADMIN) {
+        if !has(CAP_BPF) {
+            missing.push("CAP_BPF");
+        }
+        if !has(CAP_PERFMON) {
+            missing.push("CAP_PERFMON");
+        }
+    }
+    if missing.is_empty() {
         Ok(())
     } else {
-        Err(SysError::NotPrivileged)
+        Err(SysError::NotPrivileged(missing.join(", ")))
     }
 }
 
