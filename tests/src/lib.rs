@@ -45,7 +45,7 @@ pub fn kernel_available(test: &str) -> bool {
 /// A test that cannot run here: under CI (`CI=true`) it fails; elsewhere
 /// it says why and is recorded as not run. Returns false, for the caller to
 /// return early.
-fn not_run(test: &str, why: &str) -> bool {
+pub fn not_run(test: &str, why: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: cannot run under CI: {why}");
     }

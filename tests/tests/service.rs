@@ -31,7 +31,9 @@ const UID: u32 = 64_123;
 /// The exclusive flock `CommitLock` takes on the pin directory, held by the
 /// test: the daemon's next commit blocks on it, as it would behind a stuck
 /// `firewall-ctl peers add`.
-struct HeldCommitLock(#[allow(dead_code)] std::fs::File);
+struct HeldCommitLock(
+    #[expect(dead_code, reason = "held for its Drop: closing unlocks")] std::fs::File,
+);
 
 impl HeldCommitLock {
     fn take(pin_dir: &Path) -> HeldCommitLock {
@@ -574,6 +576,13 @@ fn under_systemd_the_unit_is_ready_on_notify_restarts_a_hung_loop_and_enforces_a
         s.status.success(),
         "root's status on the service's pins: {}",
         String::from_utf8_lossy(&s.stderr)
+    );
+
+    // Logs reach the journal with their fields (format = "auto").
+    assert!(
+        c.out("journalctl -u firewall-ctl -o verbose --no-pager")
+            .contains("GENERATION="),
+        "no GENERATION= field in the journal"
     );
 
     // Hang the loop: the commit lock is held and a new peer must be committed.

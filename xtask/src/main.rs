@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod dist;
 mod fuzz;
 mod setup;
 use setup::setup;
@@ -102,6 +103,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             .args(["--", "-D", "warnings"]),
     )?;
     build_release()?;
+    // The package test installs what `dist` builds.
+    let deb = dist::dist()?;
     // Kernel tests that cannot run here name themselves in this directory
     // (see firewall_tests::kernel_available); they are counted as skipped.
     let skipped_dir = root().join("target/skipped-tests");
@@ -115,6 +118,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(extra)
         .args(["--", "--test-threads=1"])
         .env("FIREWALL_SKIPPED_DIR", &skipped_dir)
+        .env("FIREWALL_DEB", &deb)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting cargo test")?;
@@ -207,6 +211,9 @@ fn main() {
                 })
         }
         Some("fuzz") => setup().and_then(|()| fuzz::main(&args[1..])),
+        Some("dist") => setup()
+            .and_then(|()| dist::dist())
+            .map(|deb| println!("{}", deb.display())),
         // A pure state-machine run: no root, no BPF toolchain, no set-up.
         Some("sim") => run(
             "building the simulator",
@@ -220,7 +227,7 @@ fn main() {
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test [cargo test args] | demo | bench [datapath|controller|all] | sim --seeds N [--seed S] | fuzz [--secs N] [TARGET...]>"
+                "usage: cargo xtask <setup | test [cargo test args] | demo | dist | bench [datapath|controller|all] | sim --seeds N [--seed S] | fuzz [--secs N] [TARGET...]>"
             );
             exit(2);
         }

@@ -192,6 +192,7 @@ pub fn missing() -> Missing {
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 fn step(n: usize, name: &str) {
     eprintln!("[setup {n}/6] {name}");
@@ -324,20 +325,37 @@ pub fn setup() -> anyhow::Result<()> {
         )?;
     }
 
-    step(5, "bpffs at /sys/fs/bpf");
+    step(5, "cargo-deb (the package `cargo xtask dist` builds)");
+    let have = output(Command::new("cargo").args(["deb", "--version"]));
+    if have.contains(CARGO_DEB_VERSION) {
+        eprintln!("  {}", have.trim());
+    } else {
+        run(
+            "setup step 5 (cargo install cargo-deb): it needs crates.io",
+            Command::new("cargo").args([
+                "install",
+                "cargo-deb",
+                "--version",
+                CARGO_DEB_VERSION,
+                "--locked",
+            ]),
+        )?;
+    }
+
+    step(6, "bpffs at /sys/fs/bpf");
     if ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
         eprintln!("  mounted");
     } else {
         run(
-            "setup step 5: mount bpffs by hand with `mount -t bpf bpf /sys/fs/bpf`",
+            "setup step 6: mount bpffs by hand with `mount -t bpf bpf /sys/fs/bpf`",
             Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
         )?;
     }
 
-    step(6, "root and kernel features");
+    step(7, "root and kernel features");
     if output(Command::new("id").arg("-u")).trim() != "0" {
         bail!(
-            "setup step 6: the kernel tests, the demo and the benchmarks need root: run as root (CI does)"
+            "setup step 7: the kernel tests, the demo and the benchmarks need root: run as root (CI does)"
         );
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {

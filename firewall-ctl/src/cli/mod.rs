@@ -47,6 +47,14 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Print a shell completion script: `firewall-ctl completions bash > /etc/bash_completion.d/firewall-ctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (firewall-ctl.1, and firewall-ctl-CMD.1 for each command) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Load, pin and attach the firewall to an interface (atomically replaces our own older program).
     Attach {
         #[arg(long)]
@@ -234,6 +242,39 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// firewall-ctl.1 and one page per command, named as git names its own
+/// (`firewall-ctl-peers-add.1`), so `man firewall-ctl-run` works.
+fn manpages(dir: &std::path::Path) -> anyhow::Result<usize> {
+    fn write(
+        dir: &std::path::Path,
+        cmd: clap::Command,
+        name: String,
+        bin: String,
+    ) -> anyhow::Result<usize> {
+        let cmd = cmd.name(name.clone()).bin_name(bin.clone());
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+        std::fs::write(dir.join(format!("{name}.1")), buf)
+            .with_context(|| format!("writing {name}.1 in {}", dir.display()))?;
+        let mut n = 1;
+        let subs = cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help");
+        for sub in subs {
+            let (sn, sb) = (
+                format!("{name}-{}", sub.get_name()),
+                format!("{bin} {}", sub.get_name()),
+            );
+            n += write(dir, sub.clone(), sn, sb)?;
+        }
+        Ok(n)
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    write(dir, cmd, "firewall-ctl".into(), "firewall-ctl".into())
+}
+
 /// Become the service's user if root and the first of `dirs` that exists
 /// belongs to it.
 fn as_owner(dirs: &[&std::path::Path]) -> anyhow::Result<()> {
@@ -255,11 +296,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // sys::owner), before anything is opened or created.
     match &cli.cmd {
         Cmd::Run { .. } | Cmd::Plan { .. } => {} // their config names the directories
+        Cmd::Completions { .. } | Cmd::Manpages { .. } => {}
         Cmd::Approve { state_dir, .. } => as_owner(&[state_dir])?,
         Cmd::Status { state_dir, .. } => as_owner(&[&pin_dir, state_dir])?,
         _ => as_owner(&[&pin_dir])?,
     }
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into a buffer: clap_complete panics on a closed stdout.
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "firewall-ctl", &mut buf);
+            std::io::Write::write_all(&mut std::io::stdout(), &buf)?;
+        }
+        Cmd::Manpages { dir } => {
+            let n = manpages(&dir)?;
+            println!("wrote {n} man pages to {}", dir.display());
+        }
         Cmd::Attach {
             iface,
             mode,

@@ -208,6 +208,22 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The config the package installs parses, protects nothing, and keeps
+    /// every guard at its default.
+    #[test]
+    fn the_shipped_default_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/config/firewall.toml");
+        let c = Config::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(c.interfaces.is_empty());
+        assert_eq!(c.guards, Guards::default());
+        assert_eq!(c.pin_dir, default_pin_dir());
+        assert_eq!(c.state_dir, default_state_dir());
+        assert_eq!(
+            c.metrics.map(|m| m.listen.to_string()).as_deref(),
+            Some("127.0.0.1:9464")
+        );
+    }
+
     #[test]
     fn unknown_keys_are_named() {
         let e = Config::parse(

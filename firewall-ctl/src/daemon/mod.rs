@@ -616,7 +616,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match { notifier.reloading(); reload(&d.cfg, &config_path) } {
+            _ = hup.recv() => { notifier.reloading(); match reload(&d.cfg, &config_path) {
                 Err(error) => {
                     tracing::error!(%error, "reload refused; the old config stays in force");
                     d.audit(AuditEvent::ReloadRefused { error });
@@ -680,7 +680,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                     d.audit(AuditEvent::Reloaded { changed });
                     notifier.reloaded();
                 }
-            },
+            }},
         }
         d.check_approval()?;
         d.persist()?;
