@@ -505,6 +505,29 @@ fn metrics_health_and_readiness_over_http() {
     };
     assert!(packets("pass", "peer") >= 1);
     assert!(packets("drop", "default_drop") >= 1);
+    // Clients that connect and never send a request (more of them than the
+    // endpoint serves at once) are cut off by the header-read timeout, and
+    // the endpoint answers again afterwards.
+    let idle = p.a.run(move || {
+        (0..20)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect::<Vec<_>>()
+    });
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = [0u8; 256];
+        let r = std::io::Read::read(&mut c, &mut buf);
+        assert!(
+            matches!(r, Ok(0))
+                || r.is_err()
+                    && !matches!(
+                        r.as_ref().unwrap_err().kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+            "an idle connection was not closed by the server: {r:?}"
+        );
+    }
+    assert_eq!(get("/healthz").map(|(s, _)| s), Some(200));
     // An empty discovery file: the guard is in force and named.
     firewall_tests::write_raw(&peers, "{\"revision\": 9, \"peers\": []}");
     assert!(wait_for(Duration::from_secs(10), || get("/metrics")
