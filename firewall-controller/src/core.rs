@@ -20,6 +20,13 @@
 //!   operator approves), and a controller that has not seen a clean result
 //!   since it started (the first-sync gate).
 //! - Entries the operator added are never touched.
+//! - Traffic is evidence of life: an absent exact peer whose datapath hit
+//!   count grew in the last `liveness_window_ms` is not evicted when its grace
+//!   ends (the liveness veto), for at most `liveness_max_extend_ms` past it;
+//!   and no exact peer is evicted before its counter has been watched for a
+//!   whole window. The daemon reads the counters of the peers
+//!   [`Core::liveness_candidates`] names and hands them to
+//!   [`Core::handle_traffic`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -164,6 +171,29 @@ pub struct CoreStatus {
     pub evictions_total: u64,
     pub commits_total: u64,
     pub commit_failures_total: u64,
+    /// Absent peers kept past their grace by the liveness rule.
+    #[serde(default)]
+    pub liveness: Vec<LivenessView>,
+    /// Peers the veto has kept, counted when each began to be kept.
+    #[serde(default)]
+    pub vetoes_total: u64,
+}
+
+/// An absent peer the liveness rule is keeping, and until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivenessView {
+    pub peer: IpNet,
+    pub absent_since_ms: u64,
+    /// When its grace ended.
+    pub grace_end_ms: u64,
+    /// `traffic`: its counter grew within the window (the veto);
+    /// `watching`: not yet watched for a whole window.
+    pub state: String,
+    pub last_traffic_ms: Option<u64>,
+    /// Packets counted while it was watched.
+    pub packets_seen: u64,
+    /// When it is evicted unless traffic continues (never past the cap).
+    pub deadline_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -231,8 +261,31 @@ impl Budget {
     }
 }
 
+/// What the controller has seen of an absent exact peer's hit counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Watch {
+    /// The first reading during this absence.
+    first_ms: u64,
+    hits: u64,
+    /// When the counter last grew, and by how much in all.
+    grew_ms: Option<u64>,
+    grown: u64,
+}
+
+/// Why the liveness rule keeps a peer past its grace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kept {
+    /// Its counter grew within the window.
+    Traffic { deadline_ms: u64 },
+    /// It has not been watched for a whole window yet.
+    Watching { deadline_ms: u64 },
+}
+
 pub struct Core {
     g: Guards,
+    watch: BTreeMap<IpNet, Watch>,
+    kept: BTreeMap<IpNet, Kept>,
+    vetoes_total: u64,
     /// The committed set as the core knows it (operator and discovery entries).
     committed: PeerSet,
     generation: u64,
@@ -280,6 +333,9 @@ impl Core {
         Core {
             budget: Budget::new(&g, now),
             g,
+            watch: BTreeMap::new(),
+            kept: BTreeMap::new(),
+            vetoes_total: 0,
             generation,
             absent,
             synced: false,
@@ -538,6 +594,116 @@ impl Core {
         self.plan();
     }
 
+    fn liveness_on(&self) -> bool {
+        !self.g.naive && self.g.liveness_max_extend_ms > 0
+    }
+
+    /// The peers whose hit counters the daemon should read now: absent exact
+    /// discovery peers within two windows of their grace's end, or past it.
+    /// Usually none; all of them only after a mass removal.
+    pub fn liveness_candidates(&self) -> Vec<IpNet> {
+        if !self.liveness_on() {
+            return Vec::new();
+        }
+        let lead = 2 * self.g.liveness_window_ms;
+        self.absent
+            .iter()
+            .filter(|(n, a)| {
+                crate::peers::is_exact(n)
+                    && self.committed.get(n) == Some(&DISCOVERY)
+                    && self.now + lead >= a.since_ms + self.grace(a)
+            })
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Hit counters read from the datapath for (some of) the candidates. A
+    /// counter that went down was reset (the entry was re-added): it is a
+    /// new baseline, not traffic.
+    pub fn handle_traffic(&mut self, now: u64, samples: &[(IpNet, u64)]) {
+        self.set_now(now);
+        for (n, hits) in samples {
+            if !self.absent.contains_key(n) {
+                continue;
+            }
+            let now = self.now;
+            let w = self.watch.entry(*n).or_insert(Watch {
+                first_ms: now,
+                hits: *hits,
+                grew_ms: None,
+                grown: 0,
+            });
+            if *hits > w.hits {
+                w.grown += hits - w.hits;
+                w.grew_ms = Some(now);
+            }
+            w.hits = *hits;
+        }
+        self.plan();
+    }
+
+    /// For `plan`, a one-shot core: take the running controller's
+    /// observations (`view`, from its status) as its own, and treat every
+    /// other absent exact peer as watched for a whole window and silent,
+    /// which is what the running controller has seen unless it lists it.
+    pub fn import_liveness(&mut self, view: &[LivenessView]) {
+        let window = self.g.liveness_window_ms;
+        let start = self.now.saturating_sub(window);
+        for n in self.absent.keys().filter(|n| crate::peers::is_exact(n)) {
+            self.watch.insert(
+                *n,
+                Watch {
+                    first_ms: start,
+                    hits: 0,
+                    grew_ms: None,
+                    grown: 0,
+                },
+            );
+        }
+        for v in view {
+            if let Some(w) = self.watch.get_mut(&v.peer) {
+                if v.state == "watching" {
+                    w.first_ms = v.deadline_ms.saturating_sub(window);
+                }
+                w.grew_ms = v.last_traffic_ms;
+                w.grown = v.packets_seen;
+            }
+        }
+        self.plan();
+    }
+
+    /// The peers the veto keeps now (their traffic grew within the window).
+    pub fn vetoed(&self) -> Vec<IpNet> {
+        self.kept
+            .iter()
+            .filter(|(_, k)| matches!(k, Kept::Traffic { .. }))
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Whether the liveness rule keeps `n` (due: its grace has ended) now.
+    fn keep_alive(&self, n: &IpNet, a: &Absence) -> Option<Kept> {
+        if !self.liveness_on() || !crate::peers::is_exact(n) {
+            return None;
+        }
+        let window = self.g.liveness_window_ms;
+        let cap = a.since_ms + self.grace(a) + self.g.liveness_max_extend_ms;
+        if self.now >= cap {
+            return None;
+        }
+        match self.watch.get(n) {
+            Some(w) if w.grew_ms.is_some_and(|t| self.now < t + window) => Some(Kept::Traffic {
+                deadline_ms: (w.grew_ms.unwrap_or(0) + window).min(cap),
+            }),
+            Some(w) if self.now >= w.first_ms + window => None,
+            Some(w) => Some(Kept::Watching {
+                deadline_ms: (w.first_ms + window).min(cap),
+            }),
+            // Never read: the daemon has not sampled it yet (just started).
+            None => Some(Kept::Watching { deadline_ms: cap }),
+        }
+    }
+
     /// New guards from a reloaded config. Absences (and their clocks), holds
     /// and approvals stay; the deletion budget keeps its tokens, capped at
     /// the new burst, so a reload never grants a fresh burst of evictions.
@@ -657,6 +823,8 @@ impl Core {
         let mut evictions = Vec::new();
         self.held.clear();
         self.budget_limited = 0;
+        self.watch.retain(|n, _| self.absent.contains_key(n));
+        let before = std::mem::take(&mut self.kept);
         let due: Vec<(IpNet, Absence)> = self
             .absent
             .iter()
@@ -667,6 +835,15 @@ impl Core {
             .map(|(n, a)| (*n, *a))
             .collect();
         for (n, a) in due {
+            if let Some(k) = self.keep_alive(&n, &a) {
+                if matches!(k, Kept::Traffic { .. })
+                    && !matches!(before.get(&n), Some(Kept::Traffic { .. }))
+                {
+                    self.vetoes_total += 1;
+                }
+                self.kept.insert(n, k);
+                continue;
+            }
             let blocked = match &self.freeze {
                 None => false,
                 Some(Freeze::Shrink { .. }) => !self.approved.contains(&n),
@@ -714,6 +891,12 @@ impl Core {
         if self.budget_limited > 0 {
             consider(self.budget.next_ms(&self.g).max(self.now + 1));
         }
+        for k in self.kept.values() {
+            let (Kept::Traffic { deadline_ms } | Kept::Watching { deadline_ms }) = *k;
+            if deadline_ms > self.now {
+                consider(deadline_ms);
+            }
+        }
         t
     }
 
@@ -760,6 +943,17 @@ impl Core {
         if let Some(e) = &self.last_fail {
             alarms.push(format!("last commit failed: {e}"));
         }
+        let vetoed = self
+            .kept
+            .values()
+            .filter(|k| matches!(k, Kept::Traffic { .. }))
+            .count();
+        if vetoed > 0 {
+            alarms.push(format!(
+                "discovery says gone, traffic says alive: {vetoed} peers kept past their grace (for at most {} s more each)",
+                self.g.liveness_max_extend_ms / 1000
+            ));
+        }
         CoreStatus {
             now_ms: self.now,
             generation: self.generation,
@@ -793,6 +987,28 @@ impl Core {
             evictions_total: self.evictions_total,
             commits_total: self.commits_total,
             commit_failures_total: self.commit_failures_total,
+            liveness: self
+                .kept
+                .iter()
+                .filter_map(|(n, k)| {
+                    let a = self.absent.get(n)?;
+                    let w = self.watch.get(n);
+                    let (state, deadline_ms) = match *k {
+                        Kept::Traffic { deadline_ms } => ("traffic", deadline_ms),
+                        Kept::Watching { deadline_ms } => ("watching", deadline_ms),
+                    };
+                    Some(LivenessView {
+                        peer: *n,
+                        absent_since_ms: a.since_ms,
+                        grace_end_ms: a.since_ms + self.grace(a),
+                        state: state.into(),
+                        last_traffic_ms: w.and_then(|w| w.grew_ms),
+                        packets_seen: w.map_or(0, |w| w.grown),
+                        deadline_ms,
+                    })
+                })
+                .collect(),
+            vetoes_total: self.vetoes_total,
         }
     }
 }
@@ -820,12 +1036,177 @@ mod tests {
             },
         }
     }
+    /// The other guards' tests run without the liveness veto; its own tests
+    /// below turn it on.
     fn g() -> Guards {
         Guards {
             grace_ms: 10_000,
             graceful_grace_ms: 2_000,
+            liveness_max_extend_ms: 0,
             ..Guards::default()
         }
+    }
+    fn live_g() -> Guards {
+        Guards {
+            liveness_window_ms: 3_000,
+            liveness_max_extend_ms: 20_000,
+            ..g()
+        }
+    }
+    /// Read every candidate's counter from `hits` (absent: 0), as the daemon does.
+    fn sample(c: &mut Core, now: u64, hits: &BTreeMap<IpNet, u64>) {
+        let s: Vec<(IpNet, u64)> = c
+            .liveness_candidates()
+            .into_iter()
+            .map(|n| (n, hits.get(&n).copied().unwrap_or(0)))
+            .collect();
+        c.handle_traffic(now, &s);
+    }
+
+    /// Drive a core with samples every second from `from` to `to`; `traffic`
+    /// says whether peer 4 sends at a given second. Returns when 4 was evicted.
+    fn run_liveness(
+        traffic: impl Fn(u64) -> bool,
+        from: u64,
+        to: u64,
+        c: &mut Core,
+    ) -> Option<u64> {
+        let mut hits = BTreeMap::new();
+        let mut t = from;
+        while t <= to {
+            if traffic(t) {
+                *hits.entry(p(4)).or_insert(0) += 1;
+            }
+            sample(c, t, &hits);
+            c.handle_tick(t);
+            if drain(c, t)
+                .iter()
+                .any(|pl| pl.changes.remove.contains(&p(4)))
+            {
+                return Some(t);
+            }
+            t += 1_000;
+        }
+        None
+    }
+
+    #[test]
+    fn a_silent_absent_peer_is_evicted_when_its_grace_ends() {
+        let mut c = Core::new(live_g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        // Grace ends at 11 s; watched from 5 s (two windows before), silent.
+        let at = run_liveness(|_| false, 1_000, 60_000, &mut c);
+        assert_eq!(at, Some(11_000));
+        assert!(c.status().liveness.is_empty());
+    }
+
+    #[test]
+    fn traffic_vetoes_the_eviction_until_it_stops_or_the_cap() {
+        // Traffic until 20 s: kept past the 11 s grace, evicted a window
+        // after the last packet seen.
+        let mut c = Core::new(live_g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        let mut t = 1_000;
+        let mut hits = BTreeMap::new();
+        while t <= 12_000 {
+            *hits.entry(p(4)).or_insert(0) += 5;
+            sample(&mut c, t, &hits);
+            c.handle_tick(t);
+            assert!(drain(&mut c, t).is_empty(), "evicted at {t} with traffic");
+            t += 1_000;
+        }
+        let s = c.status();
+        assert_eq!(s.liveness.len(), 1, "{s:?}");
+        let v = &s.liveness[0];
+        assert_eq!(
+            (v.peer, v.state.as_str(), v.last_traffic_ms),
+            (p(4), "traffic", Some(12_000))
+        );
+        assert_eq!(v.deadline_ms, 15_000);
+        assert!(v.packets_seen > 0);
+        assert!(
+            s.alarms.iter().any(|a| a.contains("traffic says alive")),
+            "{:?}",
+            s.alarms
+        );
+        assert_eq!(s.vetoes_total, 1);
+        let at = run_liveness(|t| t <= 20_000, 13_000, 60_000, &mut c);
+        assert_eq!(at, Some(23_000), "a window after the last traffic");
+        assert_eq!(c.status().vetoes_total, 1, "one veto, however long");
+
+        // Traffic for ever (a spoofed source): evicted at the cap, grace
+        // end + liveness_max_extend_ms.
+        let mut c = Core::new(live_g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        let at = run_liveness(|_| true, 1_000, 100_000, &mut c);
+        assert_eq!(at, Some(31_000));
+    }
+
+    #[test]
+    fn no_eviction_before_a_whole_window_of_watched_silence() {
+        // A restarted controller (no samples yet) finds a peer past its grace:
+        // it watches a whole window before it evicts, and keeps it if it talks.
+        let mut c = Core::new(live_g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        c.handle_tick(12_000);
+        assert!(drain(&mut c, 12_000).is_empty(), "never read: kept");
+        assert_eq!(c.status().liveness[0].state, "watching");
+        let at = run_liveness(|_| false, 12_000, 60_000, &mut c);
+        assert_eq!(
+            at,
+            Some(15_000),
+            "first read at 12 s, a 3 s window of silence"
+        );
+        // CIDR entries have no counter: the rule does not apply to them.
+        let net: IpNet = "198.18.4.0/24".parse().unwrap();
+        let mut c = Core::new(live_g(), PeerSet::new(), 0, None, 0);
+        let with_net = |nets: &[IpNet]| Discovery::Complete {
+            members: nets
+                .iter()
+                .map(|n| Member {
+                    net: *n,
+                    status: MemberStatus::Alive,
+                })
+                .collect(),
+            meta: SourceMeta {
+                healthy: true,
+                ..Default::default()
+            },
+        };
+        c.handle_discovery(0, with_net(&[p(1), p(2), p(3), net]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, with_net(&[p(1), p(2), p(3)]));
+        assert!(c.liveness_candidates().is_empty());
+        c.handle_tick(11_000);
+        assert_eq!(drain(&mut c, 11_000)[0].changes.remove, vec![net]);
+    }
+
+    #[test]
+    fn a_reset_counter_is_a_new_baseline_and_the_veto_can_be_turned_off() {
+        let mut c = Core::new(live_g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        c.handle_traffic(6_000, &[(p(4), 100)]);
+        c.handle_traffic(7_000, &[(p(4), 3)]);
+        c.handle_traffic(11_000, &[(p(4), 3)]);
+        c.handle_tick(11_000);
+        assert_eq!(drain(&mut c, 11_000)[0].changes.remove, vec![p(4)]);
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(0, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        assert!(c.liveness_candidates().is_empty(), "off: nothing to read");
+        c.handle_tick(11_000);
+        assert_eq!(drain(&mut c, 11_000)[0].changes.remove, vec![p(4)]);
     }
     /// Run the core against an always-succeeding datapath.
     fn drain(c: &mut Core, now: u64) -> Vec<CommitPlan> {

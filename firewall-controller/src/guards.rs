@@ -31,6 +31,15 @@ pub struct Guards {
     pub max_members: usize,
     /// First retry delay after a failed commit; doubles up to 30 s.
     pub retry_ms: u64,
+    /// Liveness veto: an absent exact peer whose datapath hit count grew in
+    /// the last `liveness_window_ms` is not evicted when its grace ends
+    /// (discovery says gone, traffic says alive). It is also the silence an
+    /// eviction needs: a peer is evicted only after the controller has watched
+    /// its counter for a whole window.
+    pub liveness_window_ms: u64,
+    /// ... but at most this long past its grace: a spoofed or lingering
+    /// source must not keep a stale allow for ever. 0 turns the veto off.
+    pub liveness_max_extend_ms: u64,
     /// FOR COMPARISON ONLY (the incident replay): behave like the orchestrator
     /// in the post-mortem. Every result is taken at face value, an absent peer
     /// is deleted at once, no guard, no budget, no first-sync gate. Never set
@@ -51,6 +60,15 @@ impl Default for Guards {
             evict_window_ms: 600_000,
             max_members: 1_000_000,
             retry_ms: 500,
+            // A minute of silence: well above the gaps of any live peer that
+            // talks to this node (keepalives, health checks), well below the
+            // grace, so a gone peer is not kept noticeably longer.
+            liveness_window_ms: 60_000,
+            // Half an hour past the grace: time for the page that the veto
+            // raises to be answered, while a spoofed source (a stateless
+            // allowlist passes packets with a forged source address too) can
+            // keep a departed peer's entry for at most this long.
+            liveness_max_extend_ms: 1_800_000,
             naive: false,
         }
     }
@@ -67,22 +85,40 @@ impl Guards {
         if self.evict_burst == 0 || self.evict_rate_per_min == 0 || self.evict_max_per_window == 0 {
             return Err("guards.evict_burst, evict_rate_per_min and evict_max_per_window must be at least 1 (use a large grace_ms to slow evictions down)".into());
         }
+        if self.liveness_max_extend_ms > 0 && self.liveness_window_ms == 0 {
+            return Err("guards.liveness_window_ms must be at least 1 while the liveness veto is on (set liveness_max_extend_ms = 0 to turn it off)".into());
+        }
         if self.max_members == 0 || self.max_members > 16_777_216 {
             return Err("guards.max_members must be 1..=16777216".into());
         }
         Ok(())
     }
 
-    /// The stated eviction bound: a peer absent with clean evidence is evicted
-    /// at most this long after the first clean result that omits it, when at
-    /// most `evict_burst` peers leave together (each further peer adds one
-    /// token interval), plus `tick_ms` of timer granularity in the caller.
+    /// The stated eviction bound: a silent peer absent with clean evidence is
+    /// evicted at most this long after the first clean result that omits it,
+    /// when at most `evict_burst` peers leave together (each further peer adds
+    /// one token interval), plus `tick_ms` of timer granularity in the caller.
+    /// The liveness veto needs a whole window of observed silence, which the
+    /// grace covers unless the grace is shorter (or the controller restarted).
     pub fn eviction_bound_ms(&self, graceful: bool) -> u64 {
-        (if graceful {
+        let grace = if graceful {
             self.graceful_grace_ms
         } else {
             self.grace_ms
-        }) + self.token_interval_ms()
+        };
+        let watch = if self.liveness_max_extend_ms > 0 {
+            self.liveness_window_ms
+        } else {
+            0
+        };
+        grace.max(watch) + self.token_interval_ms()
+    }
+
+    /// A peer that keeps sending after discovery dropped it (lingering, or a
+    /// spoofed source address) is evicted at most this long after the first
+    /// clean result that omits it.
+    pub fn lingering_bound_ms(&self, graceful: bool) -> u64 {
+        self.eviction_bound_ms(graceful) + self.liveness_max_extend_ms
     }
 
     pub fn token_interval_ms(&self) -> u64 {

@@ -18,6 +18,12 @@
 //! 3. no peer was deleted less than its grace after a result last listed it
 //!    present (so a continuously present peer is never deleted);
 //! 4. at most `evict_max_per_window` deletions in any window;
+//! 5. no peer is deleted while its traffic (as the datapath would have counted
+//!    it, up to the last time the simulator read its counter) grew within the
+//!    liveness window, unless its cap (last listed present + grace +
+//!    `liveness_max_extend_ms`) has passed. Live members talk; some departed
+//!    ones keep talking for a while (a lingering process, a spoofed source),
+//!    some for longer than the cap;
 //!    and at the end: every departed peer is evicted, and every live peer is
 //!    allowed, within the grace plus the stated bound after faults stop.
 //!
@@ -56,9 +62,14 @@ pub fn guards() -> Guards {
         evict_window_ms: 600_000,
         max_members: 10_000,
         retry_ms: 500,
+        liveness_window_ms: 10_000,
+        liveness_max_extend_ms: 60_000,
         naive: false,
     }
 }
+
+/// How often the simulated daemon reads the candidates' hit counters.
+pub const SAMPLE_EVERY_MS: u64 = 1_000;
 
 #[derive(Debug)]
 pub struct SimReport {
@@ -69,6 +80,8 @@ pub struct SimReport {
     pub crashes: u64,
     pub write_faults: u64,
     pub approvals: u64,
+    /// Peers the liveness veto kept past their grace (summed over restarts).
+    pub vetoes: u64,
 }
 
 #[derive(Debug)]
@@ -138,6 +151,13 @@ struct Sim {
     left_since_present: BTreeSet<IpNet>,
     approved: BTreeSet<IpNet>,
     evictions: VecDeque<u64>,
+    /// Traffic: each address's datapath hit counter, departed members that
+    /// keep sending (until when), when each counter last grew, and when the
+    /// daemon last read each counter.
+    hits: BTreeMap<IpNet, u64>,
+    lingering: BTreeMap<u32, u64>,
+    grew_at: BTreeMap<IpNet, u64>,
+    read_at: BTreeMap<IpNet, u64>,
     trace: VecDeque<String>,
     report: SimReport,
 }
@@ -185,6 +205,13 @@ impl Sim {
             };
             self.truth.insert(id, st);
             self.log(format!("truth: {} {st:?}", addr(id)));
+            if self.rng.random_bool(0.3) {
+                // It keeps sending: a lingering process or a spoofed source,
+                // sometimes for longer than the cap.
+                let until = self.now + self.rng.random_range(1..=3 * self.g.liveness_max_extend_ms);
+                self.lingering.insert(id, until);
+                self.log(format!("traffic: {} keeps sending until {until}", addr(id)));
+            }
         } else if r < 0.004 {
             self.next_id += 1;
             self.truth.insert(self.next_id, MemberStatus::Alive);
@@ -341,6 +368,9 @@ impl Sim {
     }
 
     fn crash(&mut self, why: &str) {
+        if let Some((core, _)) = &self.daemon {
+            self.report.vetoes += core.status().vetoes_total;
+        }
         self.daemon = None;
         self.report.crashes += 1;
         self.down_until = self.now + self.rng.random_range(0..20) * TICK_MS;
@@ -458,6 +488,18 @@ impl Sim {
                     self.now - seen
                 )));
             }
+            // 5: traffic the core could have seen, within the window, before the cap.
+            if let (Some(t), Some(r)) = (self.grew_at.get(&n), self.read_at.get(&n))
+                && *t <= *r
+                && self.now < t + self.g.liveness_window_ms
+                && self.now < seen + grace + self.g.liveness_max_extend_ms
+            {
+                return Err(self.fail(format!(
+                    "{n} deleted {} ms after traffic the daemon read at {r}, window {} ms, before its cap",
+                    self.now - t,
+                    self.g.liveness_window_ms
+                )));
+            }
             self.evictions.push_back(self.now);
             self.approved.remove(&n);
         }
@@ -529,6 +571,40 @@ impl Sim {
         self.run_actions()
     }
 
+    /// Packets this tick: live members talk, lingering departed ones too.
+    fn traffic(&mut self) {
+        let now = self.now;
+        self.lingering.retain(|_, until| *until > now);
+        let talkers: Vec<u32> = self
+            .truth
+            .iter()
+            .filter(|(i, s)| s.present() || self.lingering.contains_key(i))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in talkers {
+            if self.rng.random_bool(0.5) {
+                *self.hits.entry(addr(i)).or_insert(0) += self.rng.random_range(1..4);
+                self.grew_at.insert(addr(i), now);
+            }
+        }
+    }
+
+    /// The daemon reads the counters the core asks for.
+    fn sample(&mut self) {
+        let Some((core, _)) = self.daemon.as_mut() else {
+            return;
+        };
+        let want = core.liveness_candidates();
+        let samples: Vec<(IpNet, u64)> = want
+            .iter()
+            .map(|n| (*n, self.hits.get(n).copied().unwrap_or(0)))
+            .collect();
+        for n in &want {
+            self.read_at.insert(*n, self.now);
+        }
+        core.handle_traffic(self.now, &samples);
+    }
+
     fn check_datapath(&self) -> Result<(), SimFailure> {
         let vis = self.store.visible();
         match self.committed_sets.get(&self.store.committed) {
@@ -564,6 +640,10 @@ impl Sim {
         while self.queue.first().is_some_and(|(t, _, _)| *t <= self.now) {
             let (_, _, d) = self.queue.remove(0);
             self.deliver(d)?;
+        }
+        self.traffic();
+        if self.now.is_multiple_of(SAMPLE_EVERY_MS) {
+            self.sample();
         }
         if let Some((core, _)) = self.daemon.as_mut() {
             let now = self.now;
@@ -610,6 +690,10 @@ pub fn run(seed: u64) -> Result<SimReport, SimFailure> {
         left_since_present: BTreeSet::new(),
         approved: BTreeSet::new(),
         evictions: VecDeque::new(),
+        hits: BTreeMap::new(),
+        lingering: BTreeMap::new(),
+        grew_at: BTreeMap::new(),
+        read_at: BTreeMap::new(),
         trace: VecDeque::new(),
         report: SimReport {
             seed,
@@ -619,6 +703,7 @@ pub fn run(seed: u64) -> Result<SimReport, SimFailure> {
             crashes: 0,
             write_faults: 0,
             approvals: 0,
+            vetoes: 0,
         },
         rng,
     };
@@ -649,6 +734,9 @@ pub fn run(seed: u64) -> Result<SimReport, SimFailure> {
         )));
     }
     sim.report.commits = sim.committed_sets.len() as u64 - 1;
+    if let Some((core, _)) = &sim.daemon {
+        sim.report.vetoes += core.status().vetoes_total;
+    }
     Ok(sim.report)
 }
 

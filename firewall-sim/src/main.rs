@@ -18,7 +18,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (mut evictions, mut crashes, mut faults, mut results, mut commits) = (0, 0, 0, 0, 0);
+    let (mut evictions, mut crashes, mut faults, mut results, mut commits, mut vetoes) =
+        (0, 0, 0, 0, 0, 0);
     for seed in first..first + count {
         match firewall_sim::run(seed) {
             Ok(r) => {
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
                 faults += r.write_faults;
                 results += r.results;
                 commits += r.commits;
+                vetoes += r.vetoes;
                 if count == 1 {
                     println!("{r:?}");
                 }
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "simulated {count} seeds from {first}: {results} discovery results, {commits} commits, {evictions} evictions, {crashes} controller crashes, {faults} failed map writes; every invariant held"
+        "simulated {count} seeds from {first}: {results} discovery results, {commits} commits, {evictions} evictions, {crashes} controller crashes, {faults} failed map writes, {vetoes} liveness vetoes; every invariant held"
     );
     println!("{count} passed, 0 failed");
     ExitCode::SUCCESS

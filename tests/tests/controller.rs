@@ -88,7 +88,7 @@ fn empty_then_partial_then_back_loses_no_packet() {
         &pins,
         &dir,
         &live,
-        "grace_ms = 3000\ngraceful_grace_ms = 1000",
+        "grace_ms = 3000\ngraceful_grace_ms = 1000\nliveness_window_ms = 500",
         &[],
     );
     let traffic = Traffic::start(&p.b, &live, &p.a, p.a4(), PORT, 10);
@@ -142,7 +142,7 @@ fn a_peer_removed_for_good_is_evicted_after_the_grace() {
         &pins,
         &dir,
         &[live[0], live[1], live[2], gone],
-        "grace_ms = 2000\ngraceful_grace_ms = 2000",
+        "grace_ms = 2000\ngraceful_grace_ms = 2000\nliveness_window_ms = 500",
         &[],
     );
     let traffic = Traffic::start(
@@ -195,7 +195,7 @@ fn repeated_sigkill_mid_commit_loses_no_packet_and_never_half_stages() {
         &pins,
         &dir,
         &live,
-        "grace_ms = 300\ngraceful_grace_ms = 300\nmax_shrink_fraction = 1.0\nmax_shrink_count = 100000\nevict_burst = 100000\nevict_rate_per_min = 6000000\nevict_max_per_window = 1000000",
+        "grace_ms = 300\ngraceful_grace_ms = 300\nliveness_window_ms = 500\nmax_shrink_fraction = 1.0\nmax_shrink_count = 100000\nevict_burst = 100000\nevict_rate_per_min = 6000000\nevict_max_per_window = 1000000",
         &fp,
     );
     let traffic = Traffic::start(&p.b, &live, &p.a, p.a4(), PORT, 5);
@@ -351,7 +351,7 @@ fn sighup_reloads_guards_keeps_state_and_refuses_a_bad_config() {
         &cfg,
         good.replace(
             "grace_ms = 3600000\ngraceful_grace_ms = 3600000",
-            "grace_ms = 1000\ngraceful_grace_ms = 1000",
+            "grace_ms = 1000\ngraceful_grace_ms = 1000\nliveness_window_ms = 500",
         ),
     )
     .unwrap();
@@ -548,6 +548,111 @@ fn metrics_health_and_readiness_over_http() {
     .unwrap();
     d.signal(libc::SIGHUP);
     assert!(wait_for(Duration::from_secs(10), || get("/healthz").is_none()));
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// Traffic is evidence of life: discovery drops three peers; the silent one
+/// goes when its grace ends, the two that keep sending stay (an alarm, an
+/// audit line, `status` and `plan` say so), one goes a window after it falls
+/// quiet, and the one that never stops goes at the cap.
+#[test]
+fn traffic_keeps_a_dropped_peer_until_it_falls_quiet_or_reaches_the_cap() {
+    firewall_tests::require_kernel!();
+    let p = Pair::new(76);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let all: Vec<IpAddr> = (2..=9).map(|h| p.b4(h)).collect();
+    let (peers, cfg, mut d) = start(
+        &p,
+        &pins,
+        &dir,
+        &all,
+        "grace_ms = 1000\ngraceful_grace_ms = 1000\nliveness_window_ms = 2000\nliveness_max_extend_ms = 12000",
+        &[],
+    );
+    let every = Duration::from_millis(100);
+    let talk4 = Traffic::start_every(&p.b, &[p.b4(4)], &p.a, p.a4(), PORT + 40, every);
+    let talk5 = Traffic::start_every(&p.b, &[p.b4(5)], &p.a, p.a4(), PORT + 41, every);
+    let has = |h: u8| peer_list(&p, &pins).contains(&format!("{}/32", p.b4(h)));
+    // .3, .4 and .5 leave discovery (3 of 8: within the shrink guard).
+    let stay: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|a| ![p.b4(3), p.b4(4), p.b4(5)].contains(a))
+        .collect();
+    write_peers(&peers, 2, &stay);
+    assert!(
+        wait_for(Duration::from_secs(20), || !has(3)),
+        "the silent peer was not evicted:\n{}",
+        d.log()
+    );
+    let kept = |d: &Daemon| -> Vec<(String, String, u64)> {
+        d.status()
+            .map(|s| {
+                s["core"]["liveness"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|l| {
+                        (
+                            l["peer"].as_str().unwrap_or("").to_string(),
+                            l["state"].as_str().unwrap_or("").to_string(),
+                            l["packets_seen"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let k = kept(&d);
+            k.len() == 2 && k.iter().all(|(_, s, n)| s == "traffic" && *n > 0)
+        }),
+        "the talking peers are not shown as kept by traffic: {:?}",
+        kept(&d)
+    );
+    assert!(has(4) && has(5));
+    let status = d.status().unwrap();
+    assert!(
+        status["core"]["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().contains("traffic says alive")),
+        "{status}"
+    );
+    let vetoed: Vec<String> = d
+        .audit()
+        .iter()
+        .filter(|l| l["event"] == "liveness_veto")
+        .flat_map(|l| l["peers"].as_array().cloned().unwrap_or_default())
+        .map(|v| v.as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        vetoed.contains(&format!("{}/32", p.b4(4))) && vetoed.contains(&format!("{}/32", p.b4(5))),
+        "audit: {vetoed:?}"
+    );
+    let plan = fwctl_ok(&p.a, &pins, &format!("plan --config {}", cfg.display()));
+    assert!(
+        plan.contains("discovery says gone, traffic says alive")
+            && plan.contains(&p.b4(4).to_string()),
+        "{plan}"
+    );
+    // .5 falls quiet: evicted a window later, while .4 still talks and stays.
+    talk5.stop();
+    assert!(wait_for(Duration::from_secs(20), || !has(5)));
+    assert!(has(4), "the peer that still talks went with the quiet one");
+    // .4 never stops: evicted at the cap (absent + grace + 12 s).
+    assert!(
+        wait_for(Duration::from_secs(40), || !has(4)),
+        "the cap did not evict a peer that keeps sending:\n{}",
+        d.log()
+    );
+    talk4.stop();
+    assert!(has(2) && has(9), "live peers stay");
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(10)).is_some());
 }

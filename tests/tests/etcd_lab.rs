@@ -63,7 +63,10 @@ fn setup(net: u8, guards: &str) -> (Pair, PinDir, TempDir, Etcd, Daemon, Vec<IpA
 #[test]
 fn etcd_stopped_deletes_nothing() {
     firewall_tests::require_kernel!();
-    let (p, pins, dir, mut etcd, d, peers) = setup(36, "grace_ms = 1000\ngraceful_grace_ms = 1000");
+    let (p, pins, dir, mut etcd, d, peers) = setup(
+        36,
+        "grace_ms = 1000\ngraceful_grace_ms = 1000\nliveness_window_ms = 500",
+    );
     etcd.kill();
     // Several grace periods with etcd gone: the source reports failures.
     assert!(
@@ -107,7 +110,10 @@ fn etcd_stopped_deletes_nothing() {
 #[test]
 fn etcd_bulk_deletion_is_held_until_approved() {
     firewall_tests::require_kernel!();
-    let (p, pins, dir, _etcd, d, peers) = setup(37, "grace_ms = 1000\ngraceful_grace_ms = 1000");
+    let (p, pins, dir, _etcd, d, peers) = setup(
+        37,
+        "grace_ms = 1000\ngraceful_grace_ms = 1000\nliveness_window_ms = 500",
+    );
     let server = p.b4(9);
     // 5 of 7 keys deleted at once: more than half, so the shrink guard holds.
     for i in 0..5 {

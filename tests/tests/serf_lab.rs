@@ -50,7 +50,10 @@ fn no_loss(log: &[(u64, u8, u8, bool)], live: &[u8]) {
 #[test]
 fn serf_join_controller_kill_and_node_kill() {
     firewall_tests::require_kernel!();
-    let mut lab = Lab::new(4, "grace_ms = 10000\ngraceful_grace_ms = 5000");
+    let mut lab = Lab::new(
+        4,
+        "grace_ms = 10000\ngraceful_grace_ms = 5000\nliveness_window_ms = 500",
+    );
     for (k, seeds) in [(1u8, &[2u8, 3][..]), (2, &[1, 3]), (3, &[1, 2])] {
         lab.start_serf(k, seeds);
         lab.start_ctl(k);
@@ -122,7 +125,10 @@ fn serf_join_controller_kill_and_node_kill() {
 fn serf_seed_incident_loses_no_packet() {
     firewall_tests::require_kernel!();
     // A short grace on purpose: the guards, not the grace, must hold.
-    let mut lab = Lab::new(4, "grace_ms = 5000\ngraceful_grace_ms = 5000");
+    let mut lab = Lab::new(
+        4,
+        "grace_ms = 5000\ngraceful_grace_ms = 5000\nliveness_window_ms = 500",
+    );
     for (k, seeds) in [
         (1u8, &[2u8, 3, 4][..]),
         (2, &[1]),

@@ -279,7 +279,7 @@ fn a_non_root_user_with_the_units_capabilities_runs_the_daemon_and_the_cli() {
     std::fs::write(
         &cfg,
         format!(
-            "interfaces = [\"{}\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"file\"\npath = \"{}\"\npoll_ms = 200\n[guards]\ngrace_ms = 1000\ngraceful_grace_ms = 1000\n",
+            "interfaces = [\"{}\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"file\"\npath = \"{}\"\npoll_ms = 200\n[guards]\ngrace_ms = 1000\ngraceful_grace_ms = 1000\nliveness_window_ms = 500\n",
             p.a_if,
             pins.path.display(),
             state.display(),

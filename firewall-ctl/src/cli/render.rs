@@ -146,6 +146,10 @@ pub(super) fn print_plan(plan: &Plan) {
     );
     list("held", plan.held.iter().map(|n| n.to_string()).collect());
     list(
+        "kept past the grace by the liveness rule",
+        plan.kept_alive.iter().map(liveness_line).collect(),
+    );
+    list(
         "absent, not yet due",
         plan.absent_not_yet_due
             .iter()
@@ -199,6 +203,27 @@ pub(super) fn print_controller(ctl: Option<&ControllerStatus>) {
     }
     for h in &c.held {
         println!("  held   {h} (run `firewall-ctl approve` to review)");
+    }
+    for l in &c.liveness {
+        println!("  kept   {}", liveness_line(l));
+    }
+}
+
+/// One peer the liveness rule keeps: why, what traffic, until when.
+fn liveness_line(l: &firewall_controller::core::LivenessView) -> String {
+    match l.state.as_str() {
+        "traffic" => format!(
+            "{}: discovery says gone, traffic says alive ({} packets seen, last at {} ms); evicted at {} ms unless traffic continues (grace ended at {} ms)",
+            l.peer,
+            l.packets_seen,
+            l.last_traffic_ms.unwrap_or(0),
+            l.deadline_ms,
+            l.grace_end_ms
+        ),
+        _ => format!(
+            "{}: watching its traffic for a whole window before evicting it, until {} ms (grace ended at {} ms)",
+            l.peer, l.deadline_ms, l.grace_end_ms
+        ),
     }
 }
 

@@ -40,6 +40,10 @@ pub struct Plan {
     pub freeze: Option<String>,
     pub absent_not_yet_due: Vec<AbsentView>,
     pub budget_limited: u64,
+    /// Past their grace, kept by the liveness rule (as the running
+    /// controller observed their traffic).
+    #[serde(default)]
+    pub kept_alive: Vec<firewall_controller::core::LivenessView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -106,6 +110,12 @@ pub enum AuditEvent {
     /// SIGHUP with a config that cannot be used: the old one stays.
     ReloadRefused {
         error: String,
+    },
+    /// Discovery says gone, traffic says alive: these peers' grace has ended
+    /// but their datapath counters grew within the liveness window, so they
+    /// stay (at most until the cap).
+    LivenessVeto {
+        peers: Vec<IpNet>,
     },
 }
 

@@ -42,6 +42,10 @@ struct PacketLabels {
     reason: &'static str,
 }
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IfaceLabels {
     iface: String,
 }
@@ -78,6 +82,8 @@ pub struct Metrics {
     events: Family<IfaceLabels, Counter>,
     suppressed: Family<IfaceLabels, Counter>,
     attached: Family<IfaceLabels, Gauge>,
+    liveness_kept: Family<StateLabels, Gauge>,
+    liveness_vetoes: Counter,
     /// The interfaces the config names (for `interface_attached`).
     pub interfaces: Vec<String>,
     /// Running totals already counted, so counters advance by differences.
@@ -180,6 +186,16 @@ impl Metrics {
                 "1 while the firewall is attached to a configured interface",
                 Family::default()
             ),
+            liveness_kept: reg!(
+                "liveness_kept",
+                "Absent peers kept past their grace by the liveness rule: traffic (their counter grew: discovery says gone, traffic says alive) or watching (silence not yet watched for a whole window)",
+                Family::default()
+            ),
+            liveness_vetoes: reg!(
+                "liveness_vetoes",
+                "Peers the liveness veto began to keep past their grace",
+                Counter::default()
+            ),
             interfaces: Vec::new(),
             registry: r,
             seen: HashMap::new(),
@@ -241,6 +257,18 @@ impl Metrics {
         self.guard_since
             .set(self.guard_state.map_or(0, |(_, t)| (t / 1000) as i64));
         self.synced.set(i64::from(s.synced));
+        for state in ["traffic", "watching"] {
+            let n = s.liveness.iter().filter(|l| l.state == state).count();
+            self.liveness_kept
+                .get_or_create(&StateLabels { state })
+                .set(n as i64);
+        }
+        Self::advance(
+            &mut self.seen,
+            "liveness_vetoes".into(),
+            &self.liveness_vetoes,
+            s.vetoes_total,
+        );
         Self::advance(
             &mut self.seen,
             "evictions".into(),

@@ -10,6 +10,7 @@
 //! tick take effect with all state kept; a config it cannot use is refused
 //! and the old one stays.
 
+use std::collections::BTreeSet;
 use std::{
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -173,7 +174,14 @@ struct Daemon {
     persisted_fp: Option<u64>,
     /// The core status last published, and when.
     published: (Vec<u8>, u64),
+    /// The peers the liveness veto kept after the last turn, and when the
+    /// hit counters were last read.
+    vetoed: BTreeSet<ipnet::IpNet>,
+    traffic_read_ms: u64,
 }
+
+/// How often the daemon reads the hit counters the core asks for.
+const TRAFFIC_READ_MS: u64 = 1_000;
 
 const REPUBLISH_MS: u64 = 5_000;
 
@@ -212,6 +220,31 @@ impl Daemon {
             self.committed.generation > 0 || s.synced,
             &sdnotify::status_line(&s),
         );
+    }
+
+    /// Hand the core the hit counters it asked for (at most once a second),
+    /// and audit the peers the veto newly keeps.
+    fn read_traffic(&mut self) {
+        let now = now_ms();
+        if now.saturating_sub(self.traffic_read_ms) >= TRAFFIC_READ_MS {
+            self.traffic_read_ms = now;
+            let want = self.core.liveness_candidates();
+            if !want.is_empty() {
+                let samples = self.store.hits_of(&want);
+                self.core.handle_traffic(now, &samples);
+            }
+        }
+        let vetoed: BTreeSet<ipnet::IpNet> = self.core.vetoed().into_iter().collect();
+        let new: Vec<ipnet::IpNet> = vetoed.difference(&self.vetoed).copied().collect();
+        if !new.is_empty() {
+            tracing::warn!(
+                peers = new.len(),
+                first = %new[0],
+                "discovery says gone, traffic says alive: eviction postponed"
+            );
+            self.audit(AuditEvent::LivenessVeto { peers: new });
+        }
+        self.vetoed = vetoed;
     }
 
     fn audit(&self, event: AuditEvent) {
@@ -535,6 +568,8 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         })),
         persisted_fp: None,
         published: (Vec::new(), 0),
+        vetoed: BTreeSet::new(),
+        traffic_read_ms: 0,
         cfg,
     };
     d.audit(AuditEvent::Started {
@@ -683,6 +718,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
             }},
         }
         d.check_approval()?;
+        d.read_traffic();
         d.persist()?;
         d.act()?;
         d.publish(true);
@@ -752,6 +788,15 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
     let kind = disc.kind();
     let members = disc.members().len();
     core.handle_discovery(now, disc);
+    // The running controller's traffic observations (a one-shot plan has
+    // none of its own); without one, absent peers count as silent.
+    let running: Option<ControllerStatus> =
+        state::read_json(&cfg.state_dir.join(state::STATUS_FILE)).unwrap_or(None);
+    let view = running
+        .filter(|c| c.running)
+        .map(|c| c.core.liveness)
+        .unwrap_or_default();
+    core.import_liveness(&view);
     let st = core.status();
     let (adds, evictions) = match core.poll_action() {
         Some(Action::Commit(p)) => (
@@ -776,5 +821,6 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
             .filter(|a| a.evict_at_ms > now)
             .collect(),
         budget_limited: st.budget_limited,
+        kept_alive: st.liveness,
     })
 }

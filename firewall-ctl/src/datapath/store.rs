@@ -231,6 +231,27 @@ impl KernelStore {
         freed
     }
 
+    /// The datapath's hit counters of these exact peers, read in place
+    /// (one probe each; CIDR entries and absent peers are left out), for the
+    /// controller's liveness rule. Summed over the versions of an entry that
+    /// are visible now, which is one.
+    pub fn hits_of(&self, peers: &[IpNet]) -> Vec<(IpNet, u64)> {
+        let generation = self.ctrl.read().committed_gen;
+        peers
+            .iter()
+            .filter(|n| firewall_controller::peers::is_exact(n))
+            .filter_map(|n| {
+                let vs = self.versions(n);
+                let visible: Vec<&PeerVal> = vs
+                    .iter()
+                    .map(|(_, v)| v)
+                    .filter(|v| v.visible_at(generation))
+                    .collect();
+                (!visible.is_empty()).then(|| (*n, visible.iter().map(|v| v.hits).sum()))
+            })
+            .collect()
+    }
+
     /// Every entry visible at the committed generation, with hit counts for
     /// exact peers (CIDR entries have none), sorted.
     pub fn list(&self) -> Result<Vec<PeerRow>, StoreError> {
