@@ -145,7 +145,12 @@ pub struct Persisted {
     pub last_good_ms: Option<u64>,
     pub held: BTreeSet<IpNet>,
     pub approved: BTreeSet<IpNet>,
+    /// The first source's highest revision (the only one before sources
+    /// had names; still written for it).
     pub max_revision: Option<u64>,
+    /// Every source's highest revision, by name.
+    #[serde(default)]
+    pub source_revisions: BTreeMap<String, u64>,
 }
 
 /// The controller's view, for `status` and metrics.
@@ -177,6 +182,11 @@ pub struct CoreStatus {
     /// Peers the veto has kept, counted when each began to be kept.
     #[serde(default)]
     pub vetoes_total: u64,
+    /// The source whose last result froze deletions, when there are several.
+    #[serde(default)]
+    pub freeze_source: Option<String>,
+    #[serde(default)]
+    pub sources: Vec<SourceView>,
 }
 
 /// An absent peer the liveness rule is keeping, and until when.
@@ -261,6 +271,58 @@ impl Budget {
     }
 }
 
+/// One discovery source's last word, as the core judged it.
+#[derive(Clone, Debug)]
+enum Verdict {
+    /// Complete, non-empty, healthy and fresh: evidence of absence. The
+    /// members it lists present, and those it lists as left, sorted.
+    Clean {
+        present: Vec<IpNet>,
+        left: Vec<IpNet>,
+    },
+    /// Anything else: deletions freeze while it is a source's last word.
+    Frozen(Freeze),
+}
+
+#[derive(Clone, Debug)]
+struct Source {
+    name: String,
+    max_revision: Option<u64>,
+    last: Option<Verdict>,
+    /// A clean result came from it since the controller started.
+    clean_seen: bool,
+    /// Since when its results have been failures (failed, stalled, invalid).
+    failing_since: Option<u64>,
+}
+
+impl Source {
+    fn new(name: String, max_revision: Option<u64>) -> Source {
+        Source {
+            name,
+            max_revision,
+            last: None,
+            clean_seen: false,
+            failing_since: None,
+        }
+    }
+    fn lists_present(&self, n: &IpNet) -> bool {
+        matches!(&self.last, Some(Verdict::Clean { present, .. }) if present.binary_search(n).is_ok())
+    }
+    fn lists_left(&self, n: &IpNet) -> bool {
+        matches!(&self.last, Some(Verdict::Clean { left, .. }) if left.binary_search(n).is_ok())
+    }
+}
+
+/// A source as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceView {
+    pub name: String,
+    /// `clean`, the guard its last result triggered, or `none` yet.
+    pub last: String,
+    pub max_revision: Option<u64>,
+    pub failing_since_ms: Option<u64>,
+}
+
 /// What the controller has seen of an absent exact peer's hit counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Watch {
@@ -292,7 +354,9 @@ pub struct Core {
     absent: BTreeMap<IpNet, Absence>,
     synced: bool,
     freeze: Option<Freeze>,
-    max_revision: Option<u64>,
+    /// The source whose last result froze deletions (when several).
+    freeze_source: Option<String>,
+    sources: Vec<Source>,
     held: BTreeSet<IpNet>,
     approved: BTreeSet<IpNet>,
     budget: Budget,
@@ -302,7 +366,9 @@ pub struct Core {
     retry_delay_ms: u64,
     last_fail: Option<String>,
     actions: VecDeque<Action>,
-    last_good: Vec<IpNet>,
+    /// How many members the sources' last clean results list, and when the
+    /// last combined clean evaluation happened (the lists are the sources').
+    last_good_len: usize,
     last_good_ms: Option<u64>,
     last_result: Option<String>,
     pending_adds: BTreeMap<IpNet, Origin>,
@@ -323,7 +389,30 @@ impl Core {
         persisted: Option<Persisted>,
         now: u64,
     ) -> Core {
+        Core::with_sources(
+            g,
+            committed,
+            generation,
+            persisted,
+            now,
+            &["discovery".into()],
+        )
+    }
+
+    /// As [`Core::new`], with several discovery sources (`names`, at least
+    /// one). A peer becomes absent only when every source's last result is
+    /// clean and none lists it present; any source's unclean last result
+    /// freezes deletions; additions flow from all of them.
+    pub fn with_sources(
+        g: Guards,
+        committed: PeerSet,
+        generation: u64,
+        persisted: Option<Persisted>,
+        now: u64,
+        names: &[String],
+    ) -> Core {
         let p = persisted.unwrap_or_default();
+        let sources = Self::make_sources(names, &p.source_revisions, p.max_revision);
         let discovery_owned = |n: &IpNet| committed.get(n) == Some(&DISCOVERY);
         let absent = p
             .absent
@@ -340,7 +429,8 @@ impl Core {
             absent,
             synced: false,
             freeze: Some(Freeze::NotSynced),
-            max_revision: p.max_revision,
+            freeze_source: None,
+            sources,
             held: BTreeSet::new(),
             approved: p
                 .approved
@@ -354,7 +444,7 @@ impl Core {
             retry_delay_ms: 0,
             last_fail: None,
             actions: VecDeque::new(),
-            last_good: p.last_good,
+            last_good_len: p.last_good.len(),
             last_good_ms: p.last_good_ms,
             last_result: None,
             pending_adds: BTreeMap::new(),
@@ -363,6 +453,55 @@ impl Core {
             commits_total: 0,
             commit_failures_total: 0,
         }
+    }
+
+    fn make_sources(
+        names: &[String],
+        revisions: &BTreeMap<String, u64>,
+        first: Option<u64>,
+    ) -> Vec<Source> {
+        let mut v: Vec<Source> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let rev = revisions
+                    .get(n)
+                    .copied()
+                    .or(if i == 0 { first } else { None });
+                Source::new(n.clone(), rev)
+            })
+            .collect();
+        if v.is_empty() {
+            v.push(Source::new("discovery".into(), first));
+        }
+        v
+    }
+
+    /// The sources changed (a reload): those whose name stays keep their
+    /// state; new ones start with no result, which freezes deletions until
+    /// each has given a clean one.
+    pub fn set_sources(&mut self, now: u64, names: &[String]) {
+        self.set_now(now);
+        let mut old: BTreeMap<String, Source> = std::mem::take(&mut self.sources)
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        self.sources = names
+            .iter()
+            .map(|n| {
+                old.remove(n)
+                    .unwrap_or_else(|| Source::new(n.clone(), None))
+            })
+            .collect();
+        if self.sources.is_empty() {
+            self.sources.push(Source::new("discovery".into(), None));
+        }
+        self.evaluate(false);
+        self.plan();
+    }
+
+    pub fn source_names(&self) -> Vec<String> {
+        self.sources.iter().map(|s| s.name.clone()).collect()
     }
 
     pub fn guards(&self) -> &Guards {
@@ -454,97 +593,161 @@ impl Core {
         }
     }
 
+    /// A result from the first (or only) source.
     pub fn handle_discovery(&mut self, now: u64, d: Discovery) {
+        self.handle_discovery_from(now, 0, d);
+    }
+
+    /// A result from source `src` (an index into the names given at start).
+    pub fn handle_discovery_from(&mut self, now: u64, src: usize, d: Discovery) {
         self.set_now(now);
         if self.g.naive {
             return self.handle_naively(d);
         }
+        let src = src.min(self.sources.len() - 1);
         let d = self.validate(d);
         let meta: SourceMeta = d.meta().clone();
+        let prefix = if self.sources.len() > 1 {
+            format!("{}: ", self.sources[src].name)
+        } else {
+            String::new()
+        };
         self.last_result = Some(format!(
-            "{} with {} members at {}",
+            "{prefix}{} with {} members at {}",
             d.kind(),
             d.members().len(),
             self.now
         ));
-        if let (Some(r), Some(seen)) = (meta.revision, self.max_revision)
+        if let (Some(r), Some(seen)) = (meta.revision, self.sources[src].max_revision)
             && r < seen
         {
             // Older than what we already acted on: ignored entirely.
-            self.freeze = Some(Freeze::Stale { revision: r, seen });
+            self.sources[src].last = Some(Verdict::Frozen(Freeze::Stale { revision: r, seen }));
+            self.evaluate(false);
             self.plan();
             return;
         }
         if let Some(r) = meta.revision {
-            self.max_revision = Some(self.max_revision.map_or(r, |s| s.max(r)));
+            let m = &mut self.sources[src].max_revision;
+            *m = Some(m.map_or(r, |s| s.max(r)));
         }
         // Positive evidence from complete and partial results alike.
         let present = self.note_present(&d);
-        // What the clean-result arm needs of the members, without copying the
-        // list (1M members: a copy and a status map were 60 MB).
+        let failing = matches!(d, Discovery::Failed { .. } | Discovery::TooLarge { .. });
+        let now = self.now;
+        let s = &mut self.sources[src];
+        s.failing_since = if failing {
+            Some(s.failing_since.unwrap_or(now))
+        } else {
+            None
+        };
         let empty = d.members().is_empty();
-        let left: BTreeSet<IpNet> = d
-            .members()
-            .iter()
-            .filter(|m| m.status == MemberStatus::Left)
-            .map(|m| m.net)
-            .collect();
-        self.freeze = match d {
-            Discovery::TooLarge { members, limit, .. } => Some(Freeze::Invalid {
+        let verdict = match d {
+            Discovery::TooLarge { members, limit, .. } => Verdict::Frozen(Freeze::Invalid {
                 reason: format!("{members} members exceed guards.max_members = {limit}"),
             }),
-            Discovery::Failed { reason, .. } => Some(Freeze::Failed { reason }),
-            Discovery::Partial { reason, .. } => Some(Freeze::Partial { reason }),
-            Discovery::Complete { .. } if empty => Some(Freeze::Empty),
-            Discovery::Complete { .. } if !meta.healthy => Some(Freeze::Unhealthy {
+            Discovery::Failed { reason, .. } => Verdict::Frozen(Freeze::Failed { reason }),
+            Discovery::Partial { reason, .. } => Verdict::Frozen(Freeze::Partial { reason }),
+            Discovery::Complete { .. } if empty => Verdict::Frozen(Freeze::Empty),
+            Discovery::Complete { .. } if !meta.healthy => Verdict::Frozen(Freeze::Unhealthy {
                 reason: meta
                     .health_reason
                     .clone()
                     .unwrap_or_else(|| "unhealthy".into()),
             }),
-            Discovery::Complete { .. } => {
-                // A clean result: it is evidence of absence.
-                let owned: Vec<IpNet> = self
-                    .committed
+            Discovery::Complete { members, .. } => {
+                // Sorted by validate(); present() is a BTreeSet, so sorted too.
+                let left: Vec<IpNet> = members
                     .iter()
-                    .filter(|(_, o)| **o == DISCOVERY)
-                    .map(|(n, _)| *n)
+                    .filter(|m| m.status == MemberStatus::Left)
+                    .map(|m| m.net)
                     .collect();
-                let mut absent_now = 0u64;
-                for n in &owned {
-                    if present.contains(n) {
-                        continue;
-                    }
-                    absent_now += 1;
-                    let graceful = left.contains(n);
-                    let now = self.now;
-                    let a = self.absent.entry(*n).or_insert(Absence {
-                        since_ms: now,
-                        graceful,
-                    });
-                    // A graceful leave can shorten the grace, never a later failure.
-                    a.graceful = a.graceful && graceful;
-                }
-                self.last_good = present.iter().copied().collect();
-                self.last_good_ms = Some(self.now);
-                self.synced = true;
-                let total = owned.len() as u64;
-                let too_many = absent_now > self.g.max_shrink_count
-                    || (total > 0 && absent_now as f64 / total as f64 > self.g.max_shrink_fraction);
-                if too_many {
-                    Some(Freeze::Shrink {
-                        absent: absent_now,
-                        of: total,
-                    })
-                } else {
-                    None
+                drop(members);
+                Verdict::Clean {
+                    present: present.into_iter().collect(),
+                    left,
                 }
             }
         };
-        if !self.synced && self.freeze.is_none() {
-            self.freeze = Some(Freeze::NotSynced);
-        }
+        let clean = matches!(verdict, Verdict::Clean { .. });
+        let s = &mut self.sources[src];
+        s.clean_seen |= clean;
+        s.last = Some(verdict);
+        self.evaluate(clean);
         self.plan();
+    }
+
+    /// Combine every source's last word: the first source whose last result
+    /// is not clean freezes deletions (named); until every source has given a
+    /// clean result the first-sync gate holds; otherwise, on a new clean
+    /// result, a discovery peer no source lists present is absent.
+    fn evaluate(&mut self, new_clean: bool) {
+        if let Some((name, f)) = self.sources.iter().find_map(|s| match &s.last {
+            Some(Verdict::Frozen(f)) => Some((s.name.clone(), f.clone())),
+            _ => None,
+        }) {
+            self.freeze = Some(f);
+            self.freeze_source = (self.sources.len() > 1).then_some(name);
+            return;
+        }
+        if !self.sources.iter().all(|s| s.clean_seen) {
+            self.freeze = Some(Freeze::NotSynced);
+            self.freeze_source = self
+                .sources
+                .iter()
+                .find(|s| !s.clean_seen)
+                .filter(|_| self.sources.len() > 1)
+                .map(|s| s.name.clone());
+            return;
+        }
+        self.synced = true;
+        if !new_clean {
+            // Nothing new to judge absence by: the last evaluation stands.
+            if matches!(self.freeze, Some(Freeze::NotSynced)) {
+                self.freeze = None;
+                self.freeze_source = None;
+            }
+            return;
+        }
+        let owned: Vec<IpNet> = self
+            .committed
+            .iter()
+            .filter(|(_, o)| **o == DISCOVERY)
+            .map(|(n, _)| *n)
+            .collect();
+        let mut absent_now = 0u64;
+        for n in &owned {
+            if self.sources.iter().any(|s| s.lists_present(n)) {
+                continue;
+            }
+            absent_now += 1;
+            // A graceful leave (every source that still lists it says left)
+            // can shorten the grace, never a later failure.
+            let graceful = self.sources.iter().all(|s| s.lists_left(n));
+            let now = self.now;
+            let a = self.absent.entry(*n).or_insert(Absence {
+                since_ms: now,
+                graceful,
+            });
+            a.graceful = a.graceful && graceful;
+        }
+        self.last_good_len = self
+            .sources
+            .iter()
+            .map(|s| match &s.last {
+                Some(Verdict::Clean { present, .. }) => present.len(),
+                _ => 0,
+            })
+            .sum();
+        self.last_good_ms = Some(self.now);
+        let total = owned.len() as u64;
+        let too_many = absent_now > self.g.max_shrink_count
+            || (total > 0 && absent_now as f64 / total as f64 > self.g.max_shrink_fraction);
+        self.freeze = too_many.then_some(Freeze::Shrink {
+            absent: absent_now,
+            of: total,
+        });
+        self.freeze_source = None;
     }
 
     /// Positive evidence: a present member is no longer absent (nothing is
@@ -910,9 +1113,12 @@ impl Core {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (
             self.generation,
-            self.max_revision,
+            self.sources
+                .iter()
+                .map(|s| (&s.name, s.max_revision))
+                .collect::<Vec<_>>(),
             self.last_good_ms,
-            self.last_good.len(),
+            self.last_good_len,
         )
             .hash(&mut h);
         for (n, a) in &self.absent {
@@ -927,18 +1133,50 @@ impl Core {
         Persisted {
             generation: self.generation,
             absent: self.absent.clone(),
-            last_good: self.last_good.clone(),
+            last_good: {
+                let mut all: Vec<IpNet> = self
+                    .sources
+                    .iter()
+                    .filter_map(|s| match &s.last {
+                        Some(Verdict::Clean { present, .. }) => Some(present.iter().copied()),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                all.sort_unstable();
+                all.dedup();
+                all
+            },
             last_good_ms: self.last_good_ms,
             held: self.held.clone(),
             approved: self.approved.clone(),
-            max_revision: self.max_revision,
+            max_revision: self.sources[0].max_revision,
+            source_revisions: self
+                .sources
+                .iter()
+                .filter_map(|s| Some((s.name.clone(), s.max_revision?)))
+                .collect(),
         }
     }
 
     pub fn status(&self) -> CoreStatus {
         let mut alarms = Vec::new();
         if let Some(f) = &self.freeze {
-            alarms.push(format!("deletions frozen: {}", f.describe()));
+            match &self.freeze_source {
+                Some(src) => alarms.push(format!("deletions frozen: {src}: {}", f.describe())),
+                None => alarms.push(format!("deletions frozen: {}", f.describe())),
+            }
+        }
+        for src in &self.sources {
+            if let Some(since) = src.failing_since
+                && self.now.saturating_sub(since) >= self.g.source_failed_alarm_ms
+            {
+                alarms.push(format!(
+                    "discovery source {} has failed for {} s",
+                    src.name,
+                    (self.now - since) / 1000
+                ));
+            }
         }
         if let Some(e) = &self.last_fail {
             alarms.push(format!("last commit failed: {e}"));
@@ -1009,6 +1247,21 @@ impl Core {
                 })
                 .collect(),
             vetoes_total: self.vetoes_total,
+            freeze_source: self.freeze_source.clone(),
+            sources: self
+                .sources
+                .iter()
+                .map(|s| SourceView {
+                    name: s.name.clone(),
+                    last: match &s.last {
+                        None => "none".into(),
+                        Some(Verdict::Clean { .. }) => "clean".into(),
+                        Some(Verdict::Frozen(f)) => f.name().into(),
+                    },
+                    max_revision: s.max_revision,
+                    failing_since_ms: s.failing_since,
+                })
+                .collect(),
         }
     }
 }
@@ -1088,6 +1341,141 @@ mod tests {
             t += 1_000;
         }
         None
+    }
+
+    fn two(g: Guards) -> Core {
+        Core::with_sources(
+            g,
+            PeerSet::new(),
+            0,
+            None,
+            0,
+            &["serf".into(), "etcd".into()],
+        )
+    }
+
+    #[test]
+    fn a_peer_is_absent_only_when_every_source_omits_it() {
+        let mut c = two(g());
+        c.handle_discovery_from(0, 0, alive(&[1, 2, 3, 4]));
+        // Additions flow from one source, before the other has spoken.
+        assert_eq!(drain(&mut c, 0)[0].changes.add.len(), 4);
+        assert_eq!(c.freeze(), Some(&Freeze::NotSynced));
+        assert_eq!(c.status().freeze_source.as_deref(), Some("etcd"));
+        c.handle_discovery_from(500, 1, alive(&[1, 2, 3, 4, 5]));
+        assert_eq!(drain(&mut c, 500)[0].changes.add, vec![(p(5), DISCOVERY)]);
+        assert_eq!(c.freeze(), None);
+        // serf loses 4: etcd still lists it, so it is not absent.
+        c.handle_discovery_from(1_000, 0, alive(&[1, 2, 3, 5]));
+        assert!(c.absent().is_empty());
+        c.handle_tick(60_000);
+        assert!(drain(&mut c, 60_000).is_empty());
+        // Now etcd omits it too: absent from then, evicted a grace later.
+        c.handle_discovery_from(61_000, 1, alive(&[1, 2, 3, 5]));
+        assert_eq!(c.absent()[&p(4)].since_ms, 61_000);
+        c.handle_tick(71_000);
+        assert_eq!(drain(&mut c, 71_000)[0].changes.remove, vec![p(4)]);
+    }
+
+    #[test]
+    fn any_unclean_source_freezes_deletions_and_a_long_failure_raises_its_alarm() {
+        let g = Guards {
+            source_failed_alarm_ms: 30_000,
+            ..g()
+        };
+        let mut c = two(g);
+        c.handle_discovery_from(0, 0, alive(&[1, 2, 3, 4]));
+        c.handle_discovery_from(0, 1, alive(&[1, 2, 3, 4]));
+        drain(&mut c, 0);
+        c.handle_discovery_from(1_000, 0, alive(&[1, 2, 3]));
+        c.handle_discovery_from(
+            1_000,
+            1,
+            Discovery::Failed {
+                reason: "connection refused".into(),
+                meta: SourceMeta::default(),
+            },
+        );
+        c.handle_discovery_from(1_500, 0, alive(&[1, 2, 3]));
+        assert!(matches!(c.freeze(), Some(Freeze::Failed { .. })));
+        let st = c.status();
+        assert_eq!(st.freeze_source.as_deref(), Some("etcd"));
+        assert!(
+            st.alarms[0].starts_with("deletions frozen: etcd: discovery failed"),
+            "{:?}",
+            st.alarms
+        );
+        assert_eq!(st.sources[1].last, "failed");
+        c.handle_tick(20_000);
+        assert!(drain(&mut c, 20_000).is_empty(), "held while etcd fails");
+        assert!(
+            !c.status()
+                .alarms
+                .iter()
+                .any(|a| a.contains("has failed for"))
+        );
+        c.handle_tick(31_000);
+        assert!(
+            c.status()
+                .alarms
+                .iter()
+                .any(|a| a == "discovery source etcd has failed for 30 s"),
+            "{:?}",
+            c.status().alarms
+        );
+        // etcd recovers, also without 4: every source clean, 4 absent from now.
+        c.handle_discovery_from(32_000, 1, alive(&[1, 2, 3]));
+        assert_eq!(c.freeze(), None);
+        // Absent from when the last source agreed, not from serf's word alone.
+        assert_eq!(c.absent()[&p(4)].since_ms, 32_000);
+        assert!(
+            c.status()
+                .sources
+                .iter()
+                .all(|s| s.last == "clean" && s.failing_since_ms.is_none())
+        );
+        c.handle_tick(42_000);
+        assert_eq!(drain(&mut c, 42_000)[0].changes.remove, vec![p(4)]);
+    }
+
+    #[test]
+    fn revisions_are_per_source_and_survive_a_restart() {
+        let mut c = two(g());
+        let at = |ids: &[u8], rev: u64| match alive(ids) {
+            Discovery::Complete { members, .. } => Discovery::Complete {
+                members,
+                meta: SourceMeta {
+                    revision: Some(rev),
+                    healthy: true,
+                    health_reason: None,
+                },
+            },
+            _ => unreachable!(),
+        };
+        c.handle_discovery_from(0, 0, at(&[1, 2], 100));
+        // etcd's revision 5 is not stale: revisions are per source.
+        c.handle_discovery_from(0, 1, at(&[1, 2], 5));
+        assert_eq!(c.freeze(), None);
+        let p1 = c.persisted();
+        assert_eq!(p1.max_revision, Some(100));
+        assert_eq!(p1.source_revisions["etcd"], 5);
+        let mut c = Core::with_sources(
+            g(),
+            c.committed().clone(),
+            1,
+            Some(p1),
+            1_000,
+            &["serf".into(), "etcd".into()],
+        );
+        c.handle_discovery_from(1_000, 0, at(&[1, 2], 100));
+        c.handle_discovery_from(1_000, 1, at(&[1, 2], 4));
+        assert!(matches!(
+            c.freeze(),
+            Some(Freeze::Stale {
+                revision: 4,
+                seen: 5
+            })
+        ));
     }
 
     #[test]

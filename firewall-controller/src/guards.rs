@@ -40,6 +40,9 @@ pub struct Guards {
     /// ... but at most this long past its grace: a spoofed or lingering
     /// source must not keep a stale allow for ever. 0 turns the veto off.
     pub liveness_max_extend_ms: u64,
+    /// A source whose results have been failures this long raises its own
+    /// alarm (deletions are frozen from its first failure regardless).
+    pub source_failed_alarm_ms: u64,
     /// FOR COMPARISON ONLY (the incident replay): behave like the orchestrator
     /// in the post-mortem. Every result is taken at face value, an absent peer
     /// is deleted at once, no guard, no budget, no first-sync gate. Never set
@@ -69,6 +72,8 @@ impl Default for Guards {
             // allowlist passes packets with a forged source address too) can
             // keep a departed peer's entry for at most this long.
             liveness_max_extend_ms: 1_800_000,
+            // As the FirewallSourceFailing alert: ten minutes.
+            source_failed_alarm_ms: 600_000,
             naive: false,
         }
     }

@@ -1,7 +1,9 @@
 //! A deterministic simulator for the controller core (`cargo xtask sim`).
 //!
 //! One seed fixes everything: a fleet whose members join, leave (gracefully or
-//! by crashing) and flap; a discovery source that, during a fault phase, goes
+//! by crashing) and flap; one or several discovery sources (each with its own
+//! view of reaped members, its own revisions and its own faults), each of which
+//! during a fault phase goes
 //! empty, partial, failed, unhealthy or self-only (and lies about it) for any
 //! duration, and delivers results late, twice or out of order; a controller
 //! that crashes at any step (including half-way through staging a generation,
@@ -13,10 +15,12 @@
 //! (not from the core's flags):
 //! 1. the datapath equals a fully committed generation;
 //! 2. nothing was deleted unless the last result this controller incarnation
-//!    handled was clean (complete, non-empty, healthy, not stale) and within
-//!    the shrink threshold, or the operator approved that peer;
-//! 3. no peer was deleted less than its grace after a result last listed it
-//!    present (so a continuously present peer is never deleted);
+//!    handled from *every* source was clean (complete, non-empty, healthy, not
+//!    stale) and, together, within the shrink threshold, or the operator
+//!    approved that peer;
+//! 3. no peer was deleted less than its grace after a result from any source
+//!    last listed it present (so a peer one source keeps listing is never
+//!    deleted);
 //! 4. at most `evict_max_per_window` deletions in any window;
 //! 5. no peer is deleted while its traffic (as the datapath would have counted
 //!    it, up to the last time the simulator read its counter) grew within the
@@ -62,6 +66,7 @@ pub fn guards() -> Guards {
         evict_window_ms: 600_000,
         max_members: 10_000,
         retry_ms: 500,
+        source_failed_alarm_ms: 60_000,
         liveness_window_ms: 10_000,
         liveness_max_extend_ms: 60_000,
         naive: false,
@@ -108,6 +113,14 @@ impl std::fmt::Display for SimFailure {
     }
 }
 
+/// The last octet of a simulated address.
+fn addr_low(n: IpNet) -> u64 {
+    match n.addr() {
+        std::net::IpAddr::V4(a) => u64::from(a.octets()[3]),
+        std::net::IpAddr::V6(a) => u64::from(a.octets()[15]),
+    }
+}
+
 fn addr(i: u32) -> IpNet {
     IpNet::V4(std::net::Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8).into())
 }
@@ -121,6 +134,39 @@ enum Fault {
     Unhealthy,
     /// A restarted agent that sees only itself but claims to be healthy.
     SelfOnlyLiar,
+    /// A complete, healthy result that silently misses some live members
+    /// (a topology filter that lost them): only another source, the grace,
+    /// or their traffic keeps them.
+    Forgets,
+}
+
+/// One simulated discovery source.
+struct Src {
+    fault: Fault,
+    fault_until: u64,
+    revision: u64,
+    sent: VecDeque<Discovery>,
+    /// The last result this controller incarnation handled from it (a stale
+    /// one recorded as failed), and the highest revision it can know.
+    last_handled: Option<Discovery>,
+    incarnation_max_rev: u64,
+}
+
+impl Src {
+    fn new() -> Src {
+        Src {
+            fault: Fault::None,
+            fault_until: 0,
+            revision: 0,
+            sent: VecDeque::new(),
+            last_handled: None,
+            incarnation_max_rev: 0,
+        }
+    }
+}
+
+fn source_name(k: usize) -> String {
+    format!("src{k}")
 }
 
 struct Sim {
@@ -131,22 +177,17 @@ struct Sim {
     /// Truth: members and their current status.
     truth: BTreeMap<u32, MemberStatus>,
     next_id: u32,
-    fault: Fault,
-    fault_until: u64,
-    revision: u64,
-    sent: VecDeque<Discovery>,
-    queue: Vec<(u64, u64, Discovery)>,
+    srcs: Vec<Src>,
+    queue: Vec<(u64, u64, usize, Discovery)>,
     store: MemStore,
     disk: Option<Persisted>,
     daemon: Option<(Core, Committed)>,
     down_until: u64,
     committed_sets: BTreeMap<u64, PeerSet>,
     // Oracle state.
-    last_handled: Option<(Discovery, bool)>,
-    durable_max_rev: u64,
-    /// The highest revision this controller incarnation can know: what it
-    /// handled since it started, or what it restored from disk.
-    incarnation_max_rev: u64,
+    /// Whether the sources' last results, together, were within the shrink
+    /// threshold when the last of them came (meaningful when all are clean).
+    shrink_ok: bool,
     last_present: BTreeMap<IpNet, u64>,
     left_since_present: BTreeSet<IpNet>,
     approved: BTreeSet<IpNet>,
@@ -237,12 +278,12 @@ impl Sim {
         }
     }
 
-    fn truth_result(&self) -> Vec<Member> {
+    fn truth_result(&self, k: usize) -> Vec<Member> {
         // Serf keeps failed and left members listed for a long time, but a
-        // reaped member simply vanishes; model both.
+        // reaped member simply vanishes; model both, differently per source.
         self.truth
             .iter()
-            .filter(|(i, s)| s.present() || (**i % 3 != 0))
+            .filter(|(i, s)| s.present() || (**i % (3 + k as u32) != 0))
             .map(|(i, s)| Member {
                 net: addr(*i),
                 status: *s,
@@ -250,40 +291,41 @@ impl Sim {
             .collect()
     }
 
-    fn make_result(&mut self) -> Discovery {
-        if self.faults_on() && self.now >= self.fault_until {
-            self.fault = match self.rng.random_range(0..12) {
+    fn make_result(&mut self, k: usize) -> Discovery {
+        if self.faults_on() && self.now >= self.srcs[k].fault_until {
+            self.srcs[k].fault = match self.rng.random_range(0..12) {
                 0 => Fault::Empty,
                 1 => Fault::Partial,
                 2 => Fault::Failed,
                 3 => Fault::Unhealthy,
                 4 => Fault::SelfOnlyLiar,
+                5 => Fault::Forgets,
                 _ => Fault::None,
             };
             // Any duration, up to three grace periods.
-            self.fault_until = self.now
+            self.srcs[k].fault_until = self.now
                 + self
                     .rng
                     .random_range(1..=(3 * self.g.grace_ms / RESULT_EVERY_MS))
                     * RESULT_EVERY_MS;
-            if self.fault != Fault::None {
+            if self.srcs[k].fault != Fault::None {
                 self.log(format!(
-                    "source fault {:?} until {}",
-                    self.fault, self.fault_until
+                    "source {k} fault {:?} until {}",
+                    self.srcs[k].fault, self.srcs[k].fault_until
                 ));
             }
         }
         if !self.faults_on() {
-            self.fault = Fault::None;
+            self.srcs[k].fault = Fault::None;
         }
-        self.revision += 1;
+        self.srcs[k].revision += 1;
         let meta = SourceMeta {
-            revision: Some(self.revision),
+            revision: Some(self.srcs[k].revision),
             healthy: true,
             health_reason: None,
         };
-        let members = self.truth_result();
-        match self.fault {
+        let members = self.truth_result(k);
+        match self.srcs[k].fault {
             Fault::None => Discovery::Complete { members, meta },
             Fault::Empty => Discovery::Complete {
                 members: vec![],
@@ -312,6 +354,20 @@ impl Sim {
                     ..meta
                 },
             },
+            Fault::Forgets => {
+                // The same members each time, for the fault's duration.
+                let until = self.srcs[k].fault_until;
+                let keep: Vec<Member> = members
+                    .into_iter()
+                    .filter(|m| {
+                        !(m.status.present() && (until / 1000 + addr_low(m.net)).is_multiple_of(5))
+                    })
+                    .collect();
+                Discovery::Complete {
+                    members: keep,
+                    meta,
+                }
+            }
             Fault::SelfOnlyLiar => Discovery::Complete {
                 members: members.into_iter().take(1).collect(),
                 meta,
@@ -319,11 +375,12 @@ impl Sim {
         }
     }
 
-    fn schedule(&mut self) {
-        let d = self.make_result();
-        self.sent.push_back(d.clone());
-        if self.sent.len() > 50 {
-            self.sent.pop_front();
+    fn schedule(&mut self, k: usize) {
+        let d = self.make_result(k);
+        let src = &mut self.srcs[k];
+        src.sent.push_back(d.clone());
+        if src.sent.len() > 50 {
+            src.sent.pop_front();
         }
         let delay = if self.faults_on() {
             self.rng.random_range(0..3) * RESULT_EVERY_MS
@@ -332,14 +389,15 @@ impl Sim {
         };
         let seq = self.report.results;
         self.report.results += 1;
-        self.queue.push((self.now + delay, seq, d.clone()));
+        self.queue.push((self.now + delay, seq, k, d.clone()));
         if self.faults_on() && self.rng.random_bool(0.05) {
             self.queue
-                .push((self.now + delay + RESULT_EVERY_MS, seq, d)); // duplicate
+                .push((self.now + delay + RESULT_EVERY_MS, seq, k, d)); // duplicate
         }
-        if self.faults_on() && self.rng.random_bool(0.03) && self.sent.len() > 5 {
-            let old = self.sent[self.rng.random_range(0..self.sent.len() - 1)].clone(); // stale replay
-            self.queue.push((self.now, seq, old));
+        let sent = self.srcs[k].sent.len();
+        if self.faults_on() && self.rng.random_bool(0.03) && sent > 5 {
+            let old = self.srcs[k].sent[self.rng.random_range(0..sent - 1)].clone(); // stale replay
+            self.queue.push((self.now, seq, k, old));
         }
     }
 
@@ -347,22 +405,24 @@ impl Sim {
         self.store.revive();
         let (committed, _) = Committed::adopt(&mut self.store)
             .map_err(|e| self.fail(format!("adopt failed: {e}")))?;
-        let core = Core::new(
+        let names: Vec<String> = (0..self.srcs.len()).map(source_name).collect();
+        let core = Core::with_sources(
             self.g.clone(),
             committed.set.clone(),
             committed.generation,
             self.disk.clone(),
             self.now,
+            &names,
         );
-        self.durable_max_rev = self
-            .disk
-            .as_ref()
-            .and_then(|d| d.max_revision)
-            .unwrap_or(0)
-            .max(self.durable_max_rev);
         self.daemon = Some((core, committed));
-        self.last_handled = None;
-        self.incarnation_max_rev = self.disk.as_ref().and_then(|d| d.max_revision).unwrap_or(0);
+        for (k, src) in self.srcs.iter_mut().enumerate() {
+            src.last_handled = None;
+            src.incarnation_max_rev = self
+                .disk
+                .as_ref()
+                .and_then(|d| d.source_revisions.get(&source_name(k)).copied())
+                .unwrap_or(0);
+        }
         self.log("controller started (adopted the pinned set)".into());
         Ok(())
     }
@@ -379,9 +439,7 @@ impl Sim {
 
     fn persist(&mut self) {
         if let Some((core, _)) = &self.daemon {
-            let p = core.persisted();
-            self.durable_max_rev = self.durable_max_rev.max(p.max_revision.unwrap_or(0));
-            self.disk = Some(p);
+            self.disk = Some(core.persisted());
         }
     }
 
@@ -457,23 +515,27 @@ impl Sim {
             .collect();
         for n in deleted {
             self.report.evictions += 1;
-            let clean = match &self.last_handled {
-                Some((Discovery::Complete { members, meta }, shrink_ok)) => {
-                    !members.is_empty()
-                        && meta.healthy
-                        && (*shrink_ok || self.approved.contains(&n))
-                }
-                _ => false,
-            };
-            if !clean {
+            let all_clean = self.srcs.iter().all(|src| {
+                matches!(&src.last_handled, Some(Discovery::Complete { members, meta })
+                    if !members.is_empty() && meta.healthy)
+            });
+            let listed = self.srcs.iter().any(|src| {
+                src.last_handled
+                    .as_ref()
+                    .is_some_and(|d| d.present().contains(&n))
+            });
+            if !all_clean || listed || !(self.shrink_ok || self.approved.contains(&n)) {
                 return Err(self.fail(format!(
-                    "{n} deleted while a guard held (last handled result: {:?})",
-                    self.last_handled.as_ref().map(|(d, s)| (
-                        d.kind(),
-                        d.members().len(),
-                        d.meta().healthy,
-                        *s
-                    ))
+                    "{n} deleted while a guard held (last handled results: {:?}, listed present: {listed}, shrink ok: {})",
+                    self.srcs
+                        .iter()
+                        .map(|src| src.last_handled.as_ref().map(|d| (
+                            d.kind(),
+                            d.members().len(),
+                            d.meta().healthy
+                        )))
+                        .collect::<Vec<_>>(),
+                    self.shrink_ok
                 )));
             }
             let seen = self.last_present.get(&n).copied().unwrap_or(0);
@@ -516,27 +578,15 @@ impl Sim {
         Ok(())
     }
 
-    fn deliver(&mut self, d: Discovery) -> Result<(), SimFailure> {
+    fn deliver(&mut self, k: usize, d: Discovery) -> Result<(), SimFailure> {
         let Some((core, _)) = self.daemon.as_mut() else {
             return Ok(());
         };
-        // The oracle's own view of the shrink guard, against the datapath now.
-        let owned: Vec<IpNet> = self
-            .store
-            .visible()
-            .iter()
-            .filter(|(_, o)| **o == DISCOVERY)
-            .map(|(n, _)| *n)
-            .collect();
-        let present = d.present();
-        let absent = owned.iter().filter(|n| !present.contains(n)).count() as u64;
-        let shrink_ok = absent <= self.g.max_shrink_count
-            && (owned.is_empty()
-                || absent as f64 / owned.len() as f64 <= self.g.max_shrink_fraction);
         let rev = d.meta().revision.unwrap_or(0);
-        let stale = rev < self.incarnation_max_rev;
+        let src = &mut self.srcs[k];
+        let stale = rev < src.incarnation_max_rev;
         if !stale {
-            self.incarnation_max_rev = rev;
+            src.incarnation_max_rev = rev;
         }
         // Only fresh results are evidence; a stale one is old news.
         for m in d.members().iter().filter(|_| !stale) {
@@ -550,19 +600,37 @@ impl Sim {
             }
         }
         let now = self.now;
-        core.handle_discovery(now, d.clone());
+        core.handle_discovery_from(now, k, d.clone());
         // A stale result freezes deletions until the next fresh one.
-        self.last_handled = Some(if stale {
-            (
-                Discovery::Failed {
-                    reason: "stale".into(),
-                    meta: SourceMeta::default(),
-                },
-                false,
-            )
+        self.srcs[k].last_handled = Some(if stale {
+            Discovery::Failed {
+                reason: "stale".into(),
+                meta: SourceMeta::default(),
+            }
         } else {
-            (d, shrink_ok)
+            d
         });
+        // The oracle's own view of the shrink guard, against the datapath now:
+        // what no source's last result lists present, when a clean one came.
+        if !stale && matches!(self.srcs[k].last_handled, Some(Discovery::Complete { .. })) {
+            let present: BTreeSet<IpNet> = self
+                .srcs
+                .iter()
+                .filter_map(|s| s.last_handled.as_ref())
+                .flat_map(|d| d.present())
+                .collect();
+            let owned: Vec<IpNet> = self
+                .store
+                .visible()
+                .iter()
+                .filter(|(_, o)| **o == DISCOVERY)
+                .map(|(n, _)| *n)
+                .collect();
+            let absent = owned.iter().filter(|n| !present.contains(n)).count() as u64;
+            self.shrink_ok = absent <= self.g.max_shrink_count
+                && (owned.is_empty()
+                    || absent as f64 / owned.len() as f64 <= self.g.max_shrink_fraction);
+        }
         if self.faults_on() && self.rng.random_bool(0.01) {
             self.crash("after handling a result, before persisting");
             return Ok(());
@@ -634,12 +702,18 @@ impl Sim {
             self.start_daemon()?;
         }
         if self.now.is_multiple_of(RESULT_EVERY_MS) {
-            self.schedule();
+            for k in 0..self.srcs.len() {
+                self.schedule(k);
+            }
         }
-        self.queue.sort_by_key(|(t, s, _)| (*t, *s));
-        while self.queue.first().is_some_and(|(t, _, _)| *t <= self.now) {
-            let (_, _, d) = self.queue.remove(0);
-            self.deliver(d)?;
+        self.queue.sort_by_key(|(t, s, k, _)| (*t, *s, *k));
+        while self
+            .queue
+            .first()
+            .is_some_and(|(t, _, _, _)| *t <= self.now)
+        {
+            let (_, _, k, d) = self.queue.remove(0);
+            self.deliver(k, d)?;
         }
         self.traffic();
         if self.now.is_multiple_of(SAMPLE_EVERY_MS) {
@@ -667,25 +741,22 @@ impl Sim {
 pub fn run(seed: u64) -> Result<SimReport, SimFailure> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = rng.random_range(10..30);
+    // One source in half the seeds, two or three in the rest.
+    let sources = [1, 1, 2, 3][rng.random_range(0..4)];
     let mut sim = Sim {
         seed,
         g: guards(),
         now: 0,
         truth: (1..=n).map(|i| (i, MemberStatus::Alive)).collect(),
         next_id: n,
-        fault: Fault::None,
-        fault_until: 0,
-        revision: 0,
-        sent: VecDeque::new(),
+        srcs: (0..sources).map(|_| Src::new()).collect(),
         queue: Vec::new(),
         store: MemStore::new(4096),
         disk: None,
         daemon: None,
         down_until: 0,
         committed_sets: [(0, PeerSet::new())].into(),
-        last_handled: None,
-        durable_max_rev: 0,
-        incarnation_max_rev: 0,
+        shrink_ok: false,
         last_present: BTreeMap::new(),
         left_since_present: BTreeSet::new(),
         approved: BTreeSet::new(),
