@@ -488,7 +488,7 @@ fn metrics_health_and_readiness_over_http() {
         "firewall_peers{origin=\"discovery\",family=\"ipv4\"} 2",
         "firewall_deletions_frozen 0",
         "firewall_synced 1",
-        "firewall_source_last_result{kind=\"complete\"} 1",
+        "firewall_source_last_result{source=\"file\",kind=\"complete\"} 1",
         &format!("firewall_interface_attached{{iface=\"{}\"}} 1", p.a_if),
     ] {
         assert!(has(want), "{want} in\n{m}");
@@ -653,6 +653,94 @@ fn traffic_keeps_a_dropped_peer_until_it_falls_quiet_or_reaches_the_cap() {
     );
     talk4.stop();
     assert!(has(2) && has(9), "live peers stay");
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// Two sources must agree before a deletion: a peer one source drops stays
+/// while the other lists it; one source failing freezes deletions and is
+/// named; when both drop it, it goes after the grace. Live traffic loses
+/// nothing throughout.
+#[test]
+fn two_sources_must_agree_before_a_deletion() {
+    firewall_tests::require_kernel!();
+    let p = Pair::new(77);
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let (a, b) = (dir.0.join("a.json"), dir.0.join("b.json"));
+    let all: Vec<IpAddr> = (2..=7).map(|h| p.b4(h)).collect();
+    write_peers(&a, 1, &all);
+    write_peers(&b, 1, &all);
+    let cfg = dir.0.join("firewall.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "interfaces = [\"{}\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[[discovery]]\nkind = \"file\"\npath = \"{}\"\npoll_ms = 200\n[[discovery]]\nkind = \"file\"\npath = \"{}\"\npoll_ms = 200\n[guards]\ngrace_ms = 1000\ngraceful_grace_ms = 1000\nliveness_window_ms = 500\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+            p.a_if,
+            pins.path.display(),
+            dir.0.join("state").display(),
+            a.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.0.join("state")).unwrap();
+    let mut d = Daemon::start(&p.a, &cfg, &dir.0.join("state"));
+    let has = |h: u8| peer_list(&p, &pins).contains(&format!("{}/32", p.b4(h)));
+    assert!(
+        wait_for(Duration::from_secs(20), || peer_list(&p, &pins).len() == 6),
+        "{}",
+        d.log()
+    );
+    // Additions flow from either source: .8 is only in b.
+    let mut b_list = all.clone();
+    b_list.push(p.b4(8));
+    write_peers(&b, 2, &b_list);
+    assert!(wait_for(Duration::from_secs(10), || has(8)));
+    let live: Vec<IpAddr> = [2, 3, 4, 5, 8].iter().map(|h| p.b4(*h)).collect();
+    let traffic = Traffic::start(&p.b, &live, &p.a, p.a4(), PORT + 50, 5);
+    // a drops .6 and .7; b still lists them: they stay, well past the grace.
+    let a_list: Vec<IpAddr> = [2, 3, 4, 5, 8].iter().map(|h| p.b4(*h)).collect();
+    write_peers(&a, 2, &a_list);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        has(6) && has(7),
+        "a peer one source still lists was deleted"
+    );
+    // b fails (an empty file): deletions freeze, and the status names b.
+    write_raw(&b, "{\"revision\": 3, \"peers\": []}");
+    assert!(
+        wait_for(Duration::from_secs(10), || d.status().is_some_and(|s| {
+            s["core"]["freeze_source"] == "file-2" && s["core"]["freeze"]["guard"] == "empty"
+        })),
+        "{:?}",
+        d.status().map(|s| s["core"].clone())
+    );
+    let get = |path: &str| firewall_tests::http_get(&p.a, "127.0.0.1:9464".parse().unwrap(), path);
+    let m = get("/metrics").map(|(_, m)| m).unwrap_or_default();
+    assert!(
+        m.contains("firewall_source_last_result{source=\"file\",kind=\"complete\"} 1")
+            && m.contains("firewall_source_last_result{source=\"file-2\",kind=\"complete\"} 1"),
+        "{m}"
+    );
+    // b recovers without .6 and .7: both sources agree, they go after the grace.
+    let b_list: Vec<IpAddr> = [2, 3, 4, 5, 8].iter().map(|h| p.b4(*h)).collect();
+    write_peers(&b, 4, &b_list);
+    assert!(
+        wait_for(Duration::from_secs(20), || !has(6) && !has(7)),
+        "not evicted once both sources agreed:\n{}",
+        d.log()
+    );
+    let report = traffic.stop();
+    assert_no_loss(&report, &live);
+    let st = d.status().unwrap();
+    let names: Vec<&str> = st["core"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["file", "file-2"]);
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(10)).is_some());
 }

@@ -40,6 +40,49 @@ pub enum SourceConfig {
     Etcd(crate::sources::etcd::EtcdConfig),
 }
 
+/// The most discovery sources one controller follows.
+pub const MAX_SOURCES: usize = 4;
+
+/// `[discovery]` is one source, `[[discovery]]` a list; both keep serde's
+/// own errors, which name the offending key (an untagged enum would not).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SourceConfig>, D::Error> {
+    use serde::de::Error as _;
+    match toml::Value::deserialize(d)? {
+        toml::Value::Array(a) => a
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.try_into()
+                    .map_err(|e| D::Error::custom(format!("discovery[{i}]: {e}")))
+            })
+            .collect(),
+        v => Ok(vec![v.try_into().map_err(D::Error::custom)?]),
+    }
+}
+
+/// Each source's name, for logs, metrics and status: its kind, numbered
+/// when two share one (`file`, `file-2`).
+pub fn source_names(sources: &[SourceConfig]) -> Vec<String> {
+    let kind = |s: &SourceConfig| match s {
+        SourceConfig::File { .. } => "file",
+        SourceConfig::Serf(_) => "serf",
+        SourceConfig::Etcd(_) => "etcd",
+    };
+    sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let k = kind(s);
+            let n = sources[..i].iter().filter(|o| kind(o) == k).count();
+            if n == 0 {
+                k.to_string()
+            } else {
+                format!("{k}-{}", n + 1)
+            }
+        })
+        .collect()
+}
+
 fn default_poll_ms() -> u64 {
     1000
 }
@@ -58,7 +101,11 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    pub discovery: SourceConfig,
+    /// `[discovery]` (one source) or `[[discovery]]` (several, up to
+    /// `MAX_SOURCES`): additions flow from any, a peer is absent only when
+    /// every one omits it.
+    #[serde(deserialize_with = "one_or_many")]
+    pub discovery: Vec<SourceConfig>,
     #[serde(default)]
     pub guards: Guards,
     /// Timer granularity of the daemon loop.
@@ -123,8 +170,15 @@ impl Config {
         };
         let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         c.guards.validate().map_err(invalid)?;
-        if let SourceConfig::Etcd(e) = &c.discovery {
-            e.validate().map_err(invalid)?;
+        if c.discovery.is_empty() || c.discovery.len() > MAX_SOURCES {
+            return Err(invalid(format!(
+                "discovery: give 1 to {MAX_SOURCES} sources, as [discovery] or [[discovery]] tables"
+            )));
+        }
+        for src in &c.discovery {
+            if let SourceConfig::Etcd(e) = src {
+                e.validate().map_err(invalid)?;
+            }
         }
         if c.tick_ms == 0 || c.tick_ms > 60_000 {
             return Err(invalid("tick_ms must be 1..=60000".into()));
@@ -166,9 +220,10 @@ impl Config {
                 });
             }
         }
-        if let SourceConfig::Etcd(e) = &c.discovery
-            && let Some(k) = &e.key_file
-        {
+        for k in c.discovery.iter().filter_map(|s| match s {
+            SourceConfig::Etcd(e) => e.key_file.as_ref(),
+            _ => None,
+        }) {
             use std::os::unix::fs::MetadataExt as _;
             let mode = std::fs::metadata(k)
                 .map_err(|e| ConfigError::Invalid {
@@ -196,17 +251,46 @@ impl Config {
     /// Whether the file carries a credential (a Serf auth key, an etcd
     /// password), and so must be private like an ssh key.
     pub fn has_secret(&self) -> bool {
-        match &self.discovery {
+        self.discovery.iter().any(|s| match s {
             SourceConfig::Serf(s) => s.auth_key.is_some(),
             SourceConfig::Etcd(e) => e.password.is_some(),
             SourceConfig::File { .. } => false,
-        }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_sources_as_an_array_of_tables_named_by_kind() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[[discovery]]\nkind=\"serf\"\n[[discovery]]\nkind=\"file\"\npath=\"/a\"\n[[discovery]]\nkind=\"file\"\npath=\"/b\"\n",
+        )
+        .unwrap();
+        assert_eq!(source_names(&c.discovery), ["serf", "file", "file-2"]);
+        let one = Config::parse(
+            Path::new("c.toml"),
+            "[discovery]\nkind=\"file\"\npath=\"/a\"\n",
+        )
+        .unwrap();
+        assert_eq!(source_names(&one.discovery), ["file"]);
+        // The offending source and key are named.
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[[discovery]]\nkind=\"serf\"\n[[discovery]]\nkind=\"file\"\npath=\"/a\"\npoll_msec=1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("discovery[1]") && e.contains("poll_msec"), "{e}");
+        let five = "[[discovery]]\nkind=\"serf\"\n".repeat(5);
+        let e = Config::parse(Path::new("c.toml"), &five)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 to 4 sources"), "{e}");
+    }
 
     /// The config the package installs parses, protects nothing, and keeps
     /// every guard at its default.

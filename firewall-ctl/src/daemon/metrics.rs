@@ -32,7 +32,12 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
+struct SourceLabels {
+    source: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceKindLabels {
+    source: String,
     kind: &'static str,
 }
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,8 +81,8 @@ pub struct Metrics {
     evictions: Counter,
     commits: Family<OutcomeLabels, Counter>,
     commit_seconds: Histogram,
-    source_age: Gauge<f64, std::sync::atomic::AtomicU64>,
-    source_last: Family<KindLabels, Gauge>,
+    source_age: Family<SourceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    source_last: Family<SourceKindLabels, Gauge>,
     packets: Family<PacketLabels, Counter>,
     events: Family<IfaceLabels, Counter>,
     suppressed: Family<IfaceLabels, Counter>,
@@ -90,7 +95,8 @@ pub struct Metrics {
     seen: HashMap<String, u64>,
     /// The guard in force and since when (ms).
     guard_state: Option<(&'static str, u64)>,
-    last_result: Option<(u64, &'static str)>,
+    /// Each source's last result: when, and its kind.
+    last_result: std::collections::BTreeMap<String, (u64, &'static str)>,
 }
 
 impl Metrics {
@@ -158,12 +164,12 @@ impl Metrics {
             ),
             source_age: reg!(
                 "source_last_result_age_seconds",
-                "Seconds since the discovery source's last result",
-                Gauge::default()
+                "Seconds since each discovery source's last result",
+                Family::default()
             ),
             source_last: reg!(
                 "source_last_result",
-                "1 for the kind of the source's last result",
+                "1 for the kind of each source's last result",
                 Family::default()
             ),
             packets: reg!(
@@ -200,7 +206,7 @@ impl Metrics {
             registry: r,
             seen: HashMap::new(),
             guard_state: None,
-            last_result: None,
+            last_result: Default::default(),
         }
     }
 
@@ -296,18 +302,24 @@ impl Metrics {
         self.commit_seconds.observe(seconds);
     }
 
-    pub fn source_result(&mut self, at_ms: u64, kind: &'static str) {
-        self.last_result = Some((at_ms, kind));
+    pub fn source_result(&mut self, source: &str, at_ms: u64, kind: &'static str) {
+        self.last_result.insert(source.to_string(), (at_ms, kind));
     }
 
     fn update_source(&self, now_ms: u64) {
-        if let Some((at, kind)) = self.last_result {
+        for (source, (at, kind)) in &self.last_result {
             self.source_age
-                .set(now_ms.saturating_sub(at) as f64 / 1000.0);
+                .get_or_create(&SourceLabels {
+                    source: source.clone(),
+                })
+                .set(now_ms.saturating_sub(*at) as f64 / 1000.0);
             for k in KINDS {
                 self.source_last
-                    .get_or_create(&KindLabels { kind: k })
-                    .set(i64::from(k == kind));
+                    .get_or_create(&SourceKindLabels {
+                        source: source.clone(),
+                        kind: k,
+                    })
+                    .set(i64::from(k == *kind));
             }
         }
     }
@@ -393,8 +405,8 @@ pub struct Health {
     pub loop_at_ms: u64,
     pub loop_limit_ms: u64,
     pub synced: bool,
-    pub last_result_ms: u64,
-    pub stall_ms: u64,
+    /// Each source: name, its last result (ms), its stall limit (ms).
+    pub sources: Vec<(String, u64, u64)>,
     pub interfaces: Vec<String>,
 }
 
@@ -471,12 +483,13 @@ pub async fn serve(
         if !h.synced {
             why.push("no clean discovery result since start".into());
         }
-        let age = now.saturating_sub(h.last_result_ms);
-        if age > h.stall_ms {
-            why.push(format!(
-                "the source's last result is {age} ms old (limit {} ms)",
-                h.stall_ms
-            ));
+        for (name, at, limit) in &h.sources {
+            let age = now.saturating_sub(*at);
+            if age > *limit {
+                why.push(format!(
+                    "source {name}'s last result is {age} ms old (limit {limit} ms)"
+                ));
+            }
         }
         if why.is_empty() {
             (StatusCode::OK, "ready\n".to_string())

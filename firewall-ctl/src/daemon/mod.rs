@@ -195,7 +195,7 @@ impl Daemon {
 
     /// What the HTTP endpoint serves: the core's metrics and the health the
     /// loop vouches for, after every turn of the loop.
-    fn refresh_shared(&self, last_result_ms: u64, stall_ms: u64) {
+    fn refresh_shared(&self, tracked: &[Tracked]) {
         let s = self.core.status();
         let now = now_ms();
         let mut g = self.shared_lock();
@@ -205,8 +205,10 @@ impl Daemon {
             loop_at_ms: now,
             loop_limit_ms: 3 * self.cfg.tick_ms + 5_000,
             synced: s.synced,
-            last_result_ms,
-            stall_ms,
+            sources: tracked
+                .iter()
+                .map(|t| (t.name.clone(), t.last_result_ms, t.stall_ms))
+                .collect(),
             interfaces: self.cfg.interfaces.clone(),
         };
     }
@@ -500,24 +502,65 @@ fn reload(old: &Config, path: &std::path::Path) -> Result<(Config, Vec<String>),
     Ok((new, changed))
 }
 
-fn spawn_source(
-    cfg: &Config,
-) -> anyhow::Result<(
-    mpsc::Receiver<Discovery>,
-    Option<notify::RecommendedWatcher>,
-)> {
-    Ok(match cfg.discovery.clone() {
-        SourceConfig::File {
-            path,
-            poll_ms,
-            max_bytes,
-        } => {
-            let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
-            (rx, Some(w))
-        }
-        SourceConfig::Serf(sc) => (sources::serf::spawn(sc, cfg.guards.max_members), None),
-        SourceConfig::Etcd(ec) => (sources::etcd::spawn(ec, cfg.guards.max_members), None),
-    })
+/// One receiver for every source's results, tagged with the source's index.
+/// Each source runs as before (a task, or a file watcher); a forwarding task
+/// per source tags its results. Dropping the receiver ends the forwarders,
+/// which drops each source's own receiver, which ends the source.
+type Watchers = Vec<notify::RecommendedWatcher>;
+
+fn spawn_sources(cfg: &Config) -> anyhow::Result<(mpsc::Receiver<(usize, Discovery)>, Watchers)> {
+    // Bounded: a source is paused while the loop catches up, never queued
+    // without limit.
+    let (tx, rx) = mpsc::channel(4 * cfg.discovery.len());
+    let mut watchers = Vec::new();
+    for (i, src) in cfg.discovery.iter().cloned().enumerate() {
+        let mut one = match src {
+            SourceConfig::File {
+                path,
+                poll_ms,
+                max_bytes,
+            } => {
+                let (rx, w) = spawn_file_source(path, poll_ms, max_bytes)?;
+                watchers.push(w);
+                rx
+            }
+            SourceConfig::Serf(sc) => sources::serf::spawn(sc, cfg.guards.max_members),
+            SourceConfig::Etcd(ec) => sources::etcd::spawn(ec, cfg.guards.max_members),
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(d) = one.recv().await {
+                if tx.send((i, d)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok((rx, watchers))
+}
+
+/// What the loop tracks of each source: when its last result came, whether
+/// it counts as stalled, and its failure condition (logged once, reminded).
+struct Tracked {
+    name: String,
+    stall_ms: u64,
+    last_result_ms: u64,
+    stalled: bool,
+    failing: Condition,
+}
+
+fn track(cfg: &Config, now: u64) -> Vec<Tracked> {
+    config::source_names(&cfg.discovery)
+        .into_iter()
+        .zip(&cfg.discovery)
+        .map(|(name, src)| Tracked {
+            name,
+            stall_ms: stall_ms(src),
+            last_result_ms: now,
+            stalled: false,
+            failing: Condition::default(),
+        })
+        .collect()
 }
 
 pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
@@ -549,12 +592,13 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
     let persisted = state::load(&cfg.state_dir)?;
     let now = now_ms();
     // Adopt the pinned datapath as the truth; timers come from the persisted state.
-    let core = Core::new(
+    let core = Core::with_sources(
         cfg.guards.clone(),
         committed.set.clone(),
         committed.generation,
         persisted,
         now,
+        &config::source_names(&cfg.discovery),
     );
     let pin_dir = cfg.pin_dir.clone();
     let mut d = Daemon {
@@ -585,7 +629,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         "adopted the pinned datapath"
     );
 
-    let (mut rx, mut _watcher) = spawn_source(&d.cfg)?;
+    let (mut rx, mut _watchers) = spawn_sources(&d.cfg)?;
     let mut server = match &d.cfg.metrics {
         Some(m) => Some(metrics::serve(m.listen, d.shared.clone()).await?),
         None => None,
@@ -594,10 +638,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = Duration::from_millis(d.cfg.tick_ms);
-    let mut stall_ms = stall_ms(&d.cfg.discovery);
-    let mut last_result_ms = now_ms();
-    let mut source_failing = Condition::default();
-    let mut stalled = false;
+    let mut tracked = track(&d.cfg, now_ms());
     let mut notifier = sdnotify::Notifier::from_env();
     if let Some(wd) = notifier.watchdog() {
         // The loop pings once per turn and turns at least every tick.
@@ -616,36 +657,47 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         });
         tokio::select! {
             r = rx.recv() => match r {
-                Some(disc) => {
+                Some((i, disc)) => {
                     let now = now_ms();
+                    let t = &mut tracked[i];
                     tracing::debug!(
+                        source = %t.name,
                         kind = disc.kind(),
                         members = disc.members().len(),
                         revision = ?disc.meta().revision,
                         "discovery result"
                     );
-                    last_result_ms = now;
-                    stalled = false;
+                    t.last_result_ms = now;
+                    t.stalled = false;
                     let failure = match &disc {
                         Discovery::Failed { reason, .. } => Some(reason.as_str()),
                         _ => None,
                     };
-                    source_failing.observe(now, "discovery failed", failure);
-                    d.shared_lock().metrics.source_result(now, disc.kind());
-                    d.core.handle_discovery(now, disc);
+                    let what = format!("discovery source {} failed", t.name);
+                    t.failing.observe(now, &what, failure);
+                    d.shared_lock().metrics.source_result(&t.name, now, disc.kind());
+                    d.core.handle_discovery_from(now, i, disc);
                 }
-                None => anyhow::bail!("the discovery source stopped"),
+                None => anyhow::bail!("every discovery source stopped"),
             },
             _ = tokio::time::sleep(wait) => {
                 let now = now_ms();
-                if !stalled && now.saturating_sub(last_result_ms) > stall_ms {
+                for (i, t) in tracked.iter_mut().enumerate() {
+                    if t.stalled || now.saturating_sub(t.last_result_ms) <= t.stall_ms {
+                        continue;
+                    }
                     // No result at all is a failure too: deletions freeze and
-                    // the alarm says so, instead of last_result ageing silently.
-                    stalled = true;
-                    let reason = format!("source stalled: no result for {} ms (limit {stall_ms} ms)", now - last_result_ms);
-                    source_failing.observe(now, "discovery failed", Some(&reason));
-                    d.audit(AuditEvent::SourceStalled { no_result_ms: now - last_result_ms });
-                    d.core.handle_discovery(now, Discovery::Failed { reason, meta: Default::default() });
+                    // the alarm says so, instead of the last result ageing silently.
+                    t.stalled = true;
+                    let reason = format!(
+                        "source stalled: no result for {} ms (limit {} ms)",
+                        now - t.last_result_ms,
+                        t.stall_ms
+                    );
+                    let what = format!("discovery source {} failed", t.name);
+                    t.failing.observe(now, &what, Some(&reason));
+                    d.audit(AuditEvent::SourceStalled { no_result_ms: now - t.last_result_ms });
+                    d.core.handle_discovery_from(now, i, Discovery::Failed { reason, meta: Default::default() });
                 }
                 d.core.handle_tick(now);
             }
@@ -693,12 +745,12 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                         }
                     }
                     if changed.iter().any(|c| c == "discovery") {
-                        // The old source's task ends when its receiver goes.
-                        let (r, w) = spawn_source(&new)?;
+                        // The old sources' tasks end when their receiver goes.
+                        let (r, w) = spawn_sources(&new)?;
                         rx = r;
-                        _watcher = w;
-                        stall_ms = self::stall_ms(&new.discovery);
-                        last_result_ms = now;
+                        _watchers = w;
+                        tracked = track(&new, now);
+                        d.core.set_sources(now, &config::source_names(&new.discovery));
                     }
                     if changed.iter().any(|c| c == "guards") {
                         d.core.set_guards(now, new.guards.clone());
@@ -722,7 +774,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         d.persist()?;
         d.act()?;
         d.publish(true);
-        d.refresh_shared(last_result_ms, stall_ms);
+        d.refresh_shared(&tracked);
         d.notify_turn(&mut notifier);
     }
     notifier.stopping();
@@ -741,21 +793,9 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
     Ok(())
 }
 
-/// `firewall-ctl plan`: what the controller would do with the source's data
-/// right now, without changing anything.
-pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
-    let mut store = KernelStore::open(&cfg.pin_dir)?;
-    let loaded = crate::store::PeerStore::load(&mut store)?;
-    let persisted = state::load(&cfg.state_dir)?;
-    let now = now_ms();
-    let mut core = Core::new(
-        cfg.guards.clone(),
-        loaded.set.clone(),
-        loaded.generation,
-        persisted,
-        now,
-    );
-    let disc = match &cfg.discovery {
+/// One result from a source, for `plan`.
+fn fetch_once(cfg: &Config, src: &SourceConfig) -> anyhow::Result<Discovery> {
+    Ok(match src {
         SourceConfig::File {
             path, max_bytes, ..
         } => sources::file::read(path, *max_bytes),
@@ -784,10 +824,38 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
                 meta: Default::default(),
             })
         }
-    };
-    let kind = disc.kind();
-    let members = disc.members().len();
-    core.handle_discovery(now, disc);
+    })
+}
+
+/// `firewall-ctl plan`: what the controller would do with the source's data
+/// right now, without changing anything.
+pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
+    let mut store = KernelStore::open(&cfg.pin_dir)?;
+    let loaded = crate::store::PeerStore::load(&mut store)?;
+    let persisted = state::load(&cfg.state_dir)?;
+    let now = now_ms();
+    let names = config::source_names(&cfg.discovery);
+    let mut core = Core::with_sources(
+        cfg.guards.clone(),
+        loaded.set.clone(),
+        loaded.generation,
+        persisted,
+        now,
+        &names,
+    );
+    let mut kinds = Vec::new();
+    let mut members = 0;
+    for (i, src) in cfg.discovery.iter().enumerate() {
+        let disc = fetch_once(cfg, src)?;
+        kinds.push(if names.len() > 1 {
+            format!("{}: {}", names[i], disc.kind())
+        } else {
+            disc.kind().to_string()
+        });
+        members = members.max(disc.members().len());
+        core.handle_discovery_from(now, i, disc);
+    }
+    let kind = kinds.join(", ");
     // The running controller's traffic observations (a one-shot plan has
     // none of its own); without one, absent peers count as silent.
     let running: Option<ControllerStatus> =
@@ -797,14 +865,21 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
         .map(|c| c.core.liveness)
         .unwrap_or_default();
     core.import_liveness(&view);
+    // The core plans one commit at a time, and planned the first before the
+    // other sources had spoken: pretend each planned commit succeeded (this
+    // core is thrown away) and collect them all.
+    let (mut adds, mut evictions) = (Vec::new(), Vec::new());
+    let mut generation = loaded.generation;
+    for _ in 0..64 {
+        let Some(Action::Commit(p)) = core.poll_action() else {
+            break;
+        };
+        adds.extend(p.changes.add.iter().map(|(n, _)| *n));
+        evictions.extend(p.evictions);
+        generation += 1;
+        core.handle_commit_result(now, CommitResult::Committed { generation });
+    }
     let st = core.status();
-    let (adds, evictions) = match core.poll_action() {
-        Some(Action::Commit(p)) => (
-            p.changes.add.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-            p.evictions,
-        ),
-        None => (vec![], vec![]),
-    };
     Ok(Plan {
         generation: loaded.generation,
         source: PlanSource {
