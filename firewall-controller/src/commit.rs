@@ -52,7 +52,9 @@ impl Committed {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitReport {
     pub generation: u64,
-    pub added: Vec<IpNet>,
+    /// The additions as staged (with their origin), sorted: the change list
+    /// itself, moved, not copied.
+    pub added: Vec<(IpNet, crate::peers::Origin)>,
     pub removed: Vec<IpNet>,
     /// A failed collection is not a failed commit: the entries are already
     /// invisible and the next cleanup removes them.
@@ -69,22 +71,17 @@ pub fn commit(
     changes: Changes,
 ) -> Result<Option<CommitReport>, StoreError> {
     // Normalise: drop no-op adds and removals of absent entries, so the diff
-    // that is staged, verified and reported is exactly what changes.
-    let mut changes = Changes {
-        add: changes
-            .add
-            .into_iter()
-            .filter(|(n, o)| current.set.get(n) != Some(o))
-            .collect(),
-        remove: changes
-            .remove
-            .into_iter()
-            .filter(|n| current.set.contains_key(n))
-            .collect(),
-    };
-    changes.add.sort();
+    // that is staged, verified and reported is exactly what changes. In the
+    // caller's buffers, and with unstable sorts (the tuples are totally
+    // ordered, so the result is the same): under the daemon's allocator
+    // setting every new large buffer is fresh pages, and at 1M peers the
+    // copies and the stable sort's scratch cost 40 ms of page faults.
+    let mut changes = changes;
+    changes.add.retain(|(n, o)| current.set.get(n) != Some(o));
+    changes.remove.retain(|n| current.set.contains_key(n));
+    changes.add.sort_unstable();
     changes.add.dedup_by_key(|(n, _)| *n);
-    changes.remove.sort();
+    changes.remove.sort_unstable();
     changes.remove.dedup();
     changes
         .remove
@@ -145,7 +142,7 @@ pub fn commit(
         .map(|e| e.to_string());
     Ok(Some(CommitReport {
         generation,
-        added: changes.add.iter().map(|(n, _)| *n).collect(),
+        added: changes.add,
         removed: changes.remove,
         gc_error,
     }))

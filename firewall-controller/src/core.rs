@@ -371,7 +371,10 @@ pub struct Core {
     last_good_len: usize,
     last_good_ms: Option<u64>,
     last_result: Option<String>,
-    pending_adds: BTreeMap<IpNet, Origin>,
+    /// Present discovery members not yet committed, sorted and unique. A
+    /// Vec, not a map: a first sync of 1M members put 1M map nodes on the
+    /// heap, where they stayed (fragmented) after the commit.
+    pending_adds: Vec<IpNet>,
     now: u64,
     evictions_total: u64,
     commits_total: u64,
@@ -447,7 +450,7 @@ impl Core {
             last_good_len: p.last_good.len(),
             last_good_ms: p.last_good_ms,
             last_result: None,
-            pending_adds: BTreeMap::new(),
+            pending_adds: Vec::new(),
             now,
             evictions_total: 0,
             commits_total: 0,
@@ -663,10 +666,7 @@ impl Core {
                     .map(|m| m.net)
                     .collect();
                 drop(members);
-                Verdict::Clean {
-                    present: present.into_iter().collect(),
-                    left,
-                }
+                Verdict::Clean { present, left }
             }
         };
         let clean = matches!(verdict, Verdict::Clean { .. });
@@ -752,15 +752,31 @@ impl Core {
 
     /// Positive evidence: a present member is no longer absent (nothing is
     /// held or approved for it any more), and is added if it is new.
-    fn note_present(&mut self, d: &Discovery) -> BTreeSet<IpNet> {
-        let present = d.present();
+    /// Returns them sorted and without duplicates (a Vec, not a set: at 1M
+    /// members a BTreeSet was 35 MB more for a moment).
+    fn note_present(&mut self, d: &Discovery) -> Vec<IpNet> {
+        let mut present: Vec<IpNet> = d
+            .members()
+            .iter()
+            .filter(|m| m.status.present())
+            .map(|m| m.net)
+            .collect();
+        // validate() sorted and deduplicated the members already; this is a
+        // cheap check on sorted input, and keeps the result right regardless.
+        present.sort_unstable();
+        present.dedup();
+        let before = self.pending_adds.len();
         for n in &present {
             self.absent.remove(n);
             self.held.remove(n);
             self.approved.remove(n);
             if !self.committed.contains_key(n) {
-                self.pending_adds.insert(*n, DISCOVERY);
+                self.pending_adds.push(*n);
             }
+        }
+        if self.pending_adds.len() > before {
+            self.pending_adds.sort_unstable();
+            self.pending_adds.dedup();
         }
         present
     }
@@ -780,7 +796,7 @@ impl Core {
         let present = self.note_present(&d);
         let now = self.now;
         for (n, o) in &self.committed {
-            if *o == DISCOVERY && !present.contains(n) {
+            if *o == DISCOVERY && present.binary_search(n).is_err() {
                 self.absent.entry(*n).or_insert(Absence {
                     since_ms: now,
                     graceful: false,
@@ -956,7 +972,12 @@ impl Core {
                 }
                 for (n, o) in &plan.changes.add {
                     self.committed.insert(*n, *o);
-                    self.pending_adds.remove(n);
+                }
+                let committed = &self.committed;
+                self.pending_adds.retain(|n| !committed.contains_key(n));
+                if self.pending_adds.is_empty() {
+                    // Give a first sync's buffer back.
+                    self.pending_adds = Vec::new();
                 }
                 self.generation = generation;
                 self.evictions_total += plan.evictions.len() as u64;
@@ -984,7 +1005,7 @@ impl Core {
         self.in_flight = None;
         self.absent
             .retain(|n, _| committed.get(n) == Some(&DISCOVERY));
-        self.pending_adds.retain(|n, _| !committed.contains_key(n));
+        self.pending_adds.retain(|n| !committed.contains_key(n));
         self.committed = committed;
         self.generation = generation;
         self.plan();
@@ -1020,8 +1041,8 @@ impl Core {
         let adds: Vec<(IpNet, Origin)> = self
             .pending_adds
             .iter()
-            .filter(|(n, _)| !self.committed.contains_key(n))
-            .map(|(n, o)| (*n, *o))
+            .filter(|n| !self.committed.contains_key(n))
+            .map(|n| (*n, DISCOVERY))
             .collect();
         let mut evictions = Vec::new();
         self.held.clear();

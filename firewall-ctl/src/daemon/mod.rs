@@ -224,17 +224,23 @@ impl Daemon {
         );
     }
 
-    /// Hand the core the hit counters it asked for (at most once a second),
-    /// and audit the peers the veto newly keeps.
+    /// Hand the core the hit counters it asked for, and audit the peers the
+    /// veto newly keeps. At most once a second, and never more than a tenth
+    /// of the loop's time: after a mass removal of 1M peers one read takes
+    /// ~150 ms (`cargo xtask bench controller`), so reads then space out to
+    /// every ~1.5 s, well inside the liveness window.
     fn read_traffic(&mut self) {
         let now = now_ms();
-        if now.saturating_sub(self.traffic_read_ms) >= TRAFFIC_READ_MS {
-            self.traffic_read_ms = now;
+        if now >= self.traffic_read_ms {
             let want = self.core.liveness_candidates();
+            let mut took_ms = 0;
             if !want.is_empty() {
+                let t0 = std::time::Instant::now();
                 let samples = self.store.hits_of(&want);
+                took_ms = t0.elapsed().as_millis() as u64;
                 self.core.handle_traffic(now, &samples);
             }
+            self.traffic_read_ms = now + TRAFFIC_READ_MS.max(10 * took_ms);
         }
         let vetoed: BTreeSet<ipnet::IpNet> = self.core.vetoed().into_iter().collect();
         let new: Vec<ipnet::IpNet> = vetoed.difference(&self.vetoed).copied().collect();
@@ -351,7 +357,11 @@ impl Daemon {
                         // so a first sync of 1M peers is one short line, not 30 MB.
                         let evicted = to_evictions(&evictions);
                         let st = self.core.status();
-                        let listed = rep.added[..rep.added.len().min(AUDIT_LIST_MAX)].to_vec();
+                        let listed: Vec<ipnet::IpNet> = rep.added
+                            [..rep.added.len().min(AUDIT_LIST_MAX)]
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect();
                         let n_evicted = evicted.len();
                         self.audit(AuditEvent::Commit {
                             generation,
@@ -563,11 +573,9 @@ fn track(cfg: &Config, now: u64) -> Vec<Tracked> {
         .collect()
 }
 
-pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
-    crate::sys::check_privileges()?;
-    // Before the locks create anything under it: a clear word when bpffs is
-    // missing (a container without it, a host that never mounted it).
-    crate::sys::check_bpffs(&cfg.pin_dir)?;
+/// The allocator setting the daemon runs with (the controller benchmark
+/// uses it too, so its memory figures are the daemon's).
+pub fn tune_allocator() {
     // Large buffers (a discovery file, its parse, a commit's change list) are
     // allocated and freed once per change. glibc raises its mmap threshold
     // each time such a buffer is freed, after which the next ones come from
@@ -578,6 +586,14 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
     // SAFETY: mallopt only tunes the allocator; called before other threads
     // allocate much, and any value is valid for M_MMAP_THRESHOLD.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+}
+
+pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
+    crate::sys::check_privileges()?;
+    // Before the locks create anything under it: a clear word when bpffs is
+    // missing (a container without it, a host that never mounted it).
+    crate::sys::check_bpffs(&cfg.pin_dir)?;
+    tune_allocator();
     state::prepare_dir(&cfg.state_dir).context("the state directory")?;
     // First the locks: a second controller must be refused before it touches
     // anything, attaching included.
@@ -869,14 +885,12 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
     // other sources had spoken: pretend each planned commit succeeded (this
     // core is thrown away) and collect them all.
     let (mut adds, mut evictions) = (Vec::new(), Vec::new());
-    let mut generation = loaded.generation;
-    for _ in 0..64 {
+    for generation in loaded.generation + 1..loaded.generation + 64 {
         let Some(Action::Commit(p)) = core.poll_action() else {
             break;
         };
         adds.extend(p.changes.add.iter().map(|(n, _)| *n));
         evictions.extend(p.evictions);
-        generation += 1;
         core.handle_commit_result(now, CommitResult::Committed { generation });
     }
     let st = core.status();

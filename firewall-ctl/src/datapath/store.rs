@@ -233,21 +233,23 @@ impl KernelStore {
 
     /// The datapath's hit counters of these exact peers, read in place
     /// (one probe each; CIDR entries and absent peers are left out), for the
-    /// controller's liveness rule. Summed over the versions of an entry that
-    /// are visible now, which is one.
+    /// controller's liveness rule: the version visible now (there is one).
     pub fn hits_of(&self, peers: &[IpNet]) -> Vec<(IpNet, u64)> {
         let generation = self.ctrl.read().committed_gen;
         peers
             .iter()
-            .filter(|n| firewall_controller::peers::is_exact(n))
             .filter_map(|n| {
-                let vs = self.versions(n);
-                let visible: Vec<&PeerVal> = vs
-                    .iter()
-                    .map(|(_, v)| v)
-                    .filter(|v| v.visible_at(generation))
-                    .collect();
-                (!visible.is_empty()).then(|| (*n, visible.iter().map(|v| v.hits).sum()))
+                let hits = match n {
+                    IpNet::V4(p) if p.prefix_len() == 32 => {
+                        self.v4.hits_visible(&v4_addr(n), generation)
+                    }
+                    IpNet::V6(p) if p.prefix_len() == 128 => {
+                        self.v6.hits_visible(&v6_addr(n), generation)
+                    }
+                    // CIDR entries have no counter.
+                    _ => None,
+                }?;
+                Some((*n, hits))
             })
             .collect()
     }
