@@ -604,10 +604,10 @@ impl Core {
     /// A result from source `src` (an index into the names given at start).
     pub fn handle_discovery_from(&mut self, now: u64, src: usize, d: Discovery) {
         self.set_now(now);
-        if self.g.naive {
-            return self.handle_naively(d);
-        }
         let src = src.min(self.sources.len() - 1);
+        if self.g.naive {
+            return self.handle_naively(src, d);
+        }
         let d = self.validate(d);
         let meta: SourceMeta = d.meta().clone();
         let prefix = if self.sources.len() > 1 {
@@ -783,7 +783,7 @@ impl Core {
 
     /// The post-mortem's orchestrator, for the side-by-side replay: whatever
     /// members a result lists are the fleet; everyone else goes, now.
-    fn handle_naively(&mut self, d: Discovery) {
+    fn handle_naively(&mut self, src: usize, d: Discovery) {
         self.last_result = Some(format!(
             "{} with {} members at {} (naive)",
             d.kind(),
@@ -794,10 +794,26 @@ impl Core {
             return;
         }
         let present = self.note_present(&d);
-        let now = self.now;
-        for (n, o) in &self.committed {
-            if *o == DISCOVERY && present.binary_search(n).is_err() {
-                self.absent.entry(*n).or_insert(Absence {
+        // Each source's list is its part of the fleet, at face value: a peer
+        // no source lists (once each has spoken) is gone, now.
+        let s = &mut self.sources[src];
+        s.clean_seen = true;
+        s.last = Some(Verdict::Clean {
+            present,
+            left: Vec::new(),
+        });
+        if self.sources.iter().all(|s| s.clean_seen) {
+            let now = self.now;
+            let gone: Vec<IpNet> = self
+                .committed
+                .iter()
+                .filter(|(n, o)| {
+                    **o == DISCOVERY && !self.sources.iter().any(|s| s.lists_present(n))
+                })
+                .map(|(n, _)| *n)
+                .collect();
+            for n in gone {
+                self.absent.entry(n).or_insert(Absence {
                     since_ms: now,
                     graceful: false,
                 });

@@ -3,6 +3,7 @@
 //! [`svg`] (its timeline), [`bench`] (datapath, controller, allow), [`veth`].
 //!
 //!   firewall-lab demo               the seed incident, naive then guarded, and the report
+//!   firewall-lab demo --scenario gateway   the gateway reload at fleet scale (12 nodes)
 //!   firewall-lab replay [naive|guarded]   one replay
 //!   firewall-lab veth               a veth lab with real traffic from allowed and disallowed peers
 //!   firewall-lab bench-datapath     BPF_PROG_TEST_RUN cost per packet against same-run baselines
@@ -10,6 +11,7 @@
 //!   firewall-lab bench-allow        discovery-to-passing latency per source
 
 mod bench;
+mod gateway;
 mod replay;
 mod svg;
 mod veth;
@@ -17,7 +19,17 @@ mod veth;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
-        Some("demo") => replay::demo(),
+        Some("demo") => match (
+            args.get(1).map(String::as_str),
+            args.get(2).map(String::as_str),
+        ) {
+            (None, _) | (Some("--scenario"), Some("seed")) => replay::demo(),
+            (Some("--scenario"), Some("gateway")) => gateway::demo(args.get(3).map(String::as_str)),
+            _ => {
+                eprintln!("usage: firewall-lab demo [--scenario seed|gateway [naive|guarded]]");
+                std::process::exit(2);
+            }
+        },
         Some("veth") => veth::veth_demo(),
         Some("replay") => replay::replay_main(args.get(1).map(String::as_str)),
         Some("bench-datapath") => bench::datapath::bench_datapath(),
@@ -25,7 +37,7 @@ fn main() {
         Some("bench-allow") => bench::allow::bench_allow(),
         _ => {
             eprintln!(
-                "usage: firewall-lab <demo | veth | replay [naive|guarded] | bench-datapath | bench-controller | bench-allow>"
+                "usage: firewall-lab <demo [--scenario seed|gateway] | veth | replay [naive|guarded] | bench-datapath | bench-controller | bench-allow>"
             );
             std::process::exit(2);
         }

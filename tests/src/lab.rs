@@ -45,6 +45,8 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     pub root: TempDir,
     pub guards: String,
+    /// The gateway joining the two segments (`Lab::segments`), if any.
+    pub gw: Option<Ns>,
 }
 
 pub fn node_ip(k: u8) -> IpAddr {
@@ -62,11 +64,55 @@ impl Lab {
             nodes: Vec::new(),
             root: TempDir::new(),
             guards: guards.to_string(),
+            gw: None,
         };
         for k in 1..=n {
             lab.add_node(k);
         }
         lab
+    }
+
+    /// Two segments of `per_segment` nodes each, on their own bridges
+    /// (198.18.0.0/24 and 198.18.1.0/24), joined through a gateway namespace
+    /// that routes between them: the seed's redundant network gateway. Nodes
+    /// of segment 0 carry the Serf tag `topo=a`, those of segment 1 `topo=b`,
+    /// and every controller follows both topologies as two Serf sources.
+    pub fn segments(per_segment: u8, guards: &str) -> Lab {
+        let br = Ns::new("fwlbr");
+        br.sh_ok("ip link add br0 type bridge && ip link set br0 up && ip link add br1 type bridge && ip link set br1 up");
+        let gw = Ns::new("fwlgw");
+        for (seg, side) in [(0u8, "gwa"), (1, "gwb")] {
+            let port = unique("lg");
+            sh_ok(&format!(
+                "ip link add {side} netns {} type veth peer name {port} netns {}",
+                gw.name, br.name
+            ));
+            br.sh_ok(&format!(
+                "ip link set {port} master br{seg} && ip link set {port} up"
+            ));
+            gw.sh_ok(&format!(
+                "ip addr add 198.18.{seg}.1/24 dev {side} && ip link set {side} up"
+            ));
+        }
+        gw.sh_ok("sysctl -qw net.ipv4.ip_forward=1");
+        let mut lab = Lab {
+            br,
+            nodes: Vec::new(),
+            root: TempDir::new(),
+            guards: guards.to_string(),
+            gw: Some(gw),
+        };
+        for k in 1..=2 * per_segment {
+            lab.add_node_in(k, u8::from(k > per_segment));
+        }
+        lab
+    }
+
+    /// The gateway's links go down (a reload), or come back.
+    pub fn gateway(&self, up: bool) {
+        let gw = self.gw.as_ref().expect("a lab with segments");
+        let st = if up { "up" } else { "down" };
+        gw.sh_ok(&format!("ip link set gwa {st} && ip link set gwb {st}"));
     }
 
     pub fn add_node(&mut self, k: u8) {
@@ -83,20 +129,52 @@ impl Lab {
         ns.sh_ok(&format!(
             "ip addr add {ip}/24 dev eth0 && ip link set eth0 up"
         ));
+        self.finish_node(k, ns, port, ip, None);
+    }
+
+    /// Node k on segment `seg` (0 or 1) of a `segments` lab.
+    fn add_node_in(&mut self, k: u8, seg: u8) {
+        let ns = Ns::new("fwln");
+        let port = unique("lp");
+        sh_ok(&format!(
+            "ip link add eth0 netns {} type veth peer name {port} netns {}",
+            ns.name, self.br.name
+        ));
+        self.br.sh_ok(&format!(
+            "ip link set {port} master br{seg} && ip link set {port} up"
+        ));
+        let ip = IpAddr::V4(Ipv4Addr::new(198, 18, seg, 10 + k));
+        ns.sh_ok(&format!(
+            "ip addr add {ip}/24 dev eth0 && ip link set eth0 up && ip route add default via 198.18.{seg}.1"
+        ));
+        let topo = if seg == 0 { "a" } else { "b" };
+        self.finish_node(k, ns, port, ip, Some(topo));
+    }
+
+    fn finish_node(&mut self, k: u8, ns: Ns, port: String, ip: IpAddr, topo: Option<&str>) {
         let dir = self.root.0.join(format!("n{k}"));
         std::fs::create_dir_all(dir.join("state")).unwrap();
         let pins = PinDir::new();
-        std::fs::write(
-            dir.join("serf.json"),
-            serde_json::json!({"node_name": format!("n{k}"), "bind": format!("{ip}:7946"), "rpc_addr": "127.0.0.1:7373",
-                "reconnect_interval": "2s", "profile": "lan"})
-            .to_string(),
-        )
-        .unwrap();
+        let mut agent = serde_json::json!({"node_name": format!("n{k}"), "bind": format!("{ip}:7946"), "rpc_addr": "127.0.0.1:7373",
+            "reconnect_interval": "2s", "profile": "lan"});
+        if let Some(t) = topo {
+            agent["tags"] = serde_json::json!({ "topo": t });
+        }
+        std::fs::write(dir.join("serf.json"), agent.to_string()).unwrap();
+        let discovery = match topo {
+            None => "[discovery]\nkind = \"serf\"\nrpc_addr = \"127.0.0.1:7373\"\npoll_ms = 100\n".to_string(),
+            // Both topologies, as two sources of the same agent.
+            Some(_) => ["a", "b"]
+                .iter()
+                .map(|t| {
+                    format!("[[discovery]]\nkind = \"serf\"\nrpc_addr = \"127.0.0.1:7373\"\npoll_ms = 100\ntags = {{ topo = \"{t}\" }}\n")
+                })
+                .collect(),
+        };
         std::fs::write(
             dir.join("firewall.toml"),
             format!(
-                "interfaces = [\"eth0\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n[discovery]\nkind = \"serf\"\nrpc_addr = \"127.0.0.1:7373\"\npoll_ms = 100\n[guards]\n{}\n",
+                "interfaces = [\"eth0\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\ntick_ms = 100\n{discovery}[guards]\n{}\n",
                 pins.path.display(),
                 dir.join("state").display(),
                 self.guards
@@ -124,6 +202,7 @@ impl Lab {
 
     /// Start node k's Serf agent, joining `seeds` (retrying for ever).
     pub fn start_serf(&mut self, k: u8, seeds: &[u8]) {
+        let seeds: Vec<IpAddr> = seeds.iter().map(|s| self.node(*s).ip).collect();
         let n = self.node_mut(k);
         let log = File::options()
             .create(true)
@@ -136,7 +215,7 @@ impl Lab {
             .arg(n.dir.join("serf.json"))
             .args(["-retry-interval", "1s", "-retry-max", "0"]);
         for s in seeds {
-            cmd.arg("-retry-join").arg(format!("{}:7946", node_ip(*s)));
+            cmd.arg("-retry-join").arg(format!("{s}:7946"));
         }
         n.serf = Some(
             cmd.stdout(log.try_clone().unwrap())
@@ -208,6 +287,21 @@ impl Lab {
             .into_iter()
             .flatten()
             .filter_map(|r| r["peer"].as_str()?.split('/').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Every agent's and controller's PID (our children).
+    pub fn pids(&self) -> Vec<i32> {
+        self.nodes
+            .iter()
+            .flat_map(|n| {
+                n.serf.as_ref().map(|c| c.id() as i32).into_iter().chain(
+                    n.ctl
+                        .as_ref()
+                        .and_then(|d| d.child.as_ref())
+                        .map(|c| c.id() as i32),
+                )
+            })
             .collect()
     }
 
@@ -536,4 +630,220 @@ pub fn etcd_config(
     )
     .unwrap();
     cfg
+}
+
+/// One run of the seed's trigger at fleet scale (`Lab::segments`).
+pub struct GatewayRun {
+    pub mode: &'static str,
+    pub nodes: Vec<u8>,
+    /// Nodes 1..=per_segment are segment 0 (topology a), the rest segment 1.
+    pub per_segment: u8,
+    pub log: MeshLog,
+    pub events: Vec<(u64, String)>,
+    /// When the gateway's links went down and came back (mesh ms).
+    pub down_ms: u64,
+    pub up_ms: u64,
+    /// How long after the gateway came back every ordered pair had
+    /// delivered again (None: not within the wait).
+    pub all_talk_ms: Option<u64>,
+    /// Peers each node's controller evicted.
+    pub evictions: BTreeMap<u8, usize>,
+    /// Resident memory of every agent and controller, summed (MB), and the
+    /// CPU time they used (s), with the wall time of the run (s).
+    pub rss_mb: f64,
+    pub cpu_s: f64,
+    pub wall_s: f64,
+}
+
+/// VmRSS (MB) and utime+stime (s) of one process.
+fn proc_usage(pid: i32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces): utime is the 14th.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (rss, (ticks(11) + ticks(12)) / hz)
+}
+
+/// The post-mortem's chain at fleet scale: `2 * per_segment` nodes in two
+/// segments joined by a gateway, Serf across all of them, two topologies
+/// by tag, the firewall and a controller (following both topologies) on
+/// every node, and UDP between every pair every 50 ms. The gateway reloads:
+/// its links go down for 8 s and come back (the partitioned halves then
+/// gossip at once to merge). During the reload n1's agent restarts, and
+/// its only seed is beyond the gateway, so n1's list for topology b comes
+/// back empty (and its own topology self-only) until the gateway is back.
+pub fn gateway_run(naive: bool, per_segment: u8) -> Result<GatewayRun, String> {
+    let guards = if naive {
+        "naive = true"
+    } else {
+        "grace_ms = 300000"
+    };
+    let mode = if naive {
+        "naive (grace 0, no guards)"
+    } else {
+        "guarded (defaults)"
+    };
+    let n = 2 * per_segment;
+    let nodes: Vec<u8> = (1..=n).collect();
+    let mut lab = Lab::segments(per_segment, guards);
+    let (a0, b0) = (1u8, per_segment + 1);
+    for &k in &nodes {
+        let seeds: Vec<u8> = [a0, b0].into_iter().filter(|s| *s != k).collect();
+        lab.start_serf(k, &seeds);
+    }
+    for &k in &nodes {
+        lab.start_ctl(k);
+    }
+    let t = Instant::now();
+    while !nodes.iter().all(|k| lab.allowed(*k).len() == n as usize) {
+        if t.elapsed() > Duration::from_secs(120) {
+            let counts: Vec<usize> = nodes.iter().map(|k| lab.allowed(*k).len()).collect();
+            return Err(format!(
+                "the fleet did not converge in 120 s: allowed counts {counts:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let cpu0: f64 = lab.pids().iter().map(|p| proc_usage(*p).1).sum();
+    let wall0 = Instant::now();
+    let mesh = Mesh::start(&lab, 50);
+    let mut events = Vec::new();
+    std::thread::sleep(Duration::from_secs(3));
+    lab.gateway(false);
+    let down_ms = mesh.now_ms();
+    events.push((
+        down_ms,
+        "the gateway reloads: its links go down".to_string(),
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    lab.kill_serf(1);
+    lab.start_serf(1, &[b0]);
+    events.push((
+        mesh.now_ms(),
+        "n1's agent restarts; its seed is beyond the gateway: topology b empty, a self-only".into(),
+    ));
+    std::thread::sleep(Duration::from_secs(6));
+    lab.gateway(true);
+    let up_ms = mesh.now_ms();
+    events.push((
+        up_ms,
+        "the gateway is back: the halves gossip and merge".to_string(),
+    ));
+    // Until every ordered pair has delivered again, or two minutes.
+    let pairs: Vec<(u8, u8)> = nodes
+        .iter()
+        .flat_map(|s| nodes.iter().map(move |d| (*s, *d)))
+        .filter(|(s, d)| s != d)
+        .collect();
+    let mut all_talk_ms = None;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(200));
+        let log = mesh.log.lock().unwrap();
+        let mut last_first = 0;
+        let mut done = true;
+        for (s, d) in &pairs {
+            match log
+                .iter()
+                .find(|(t, ls, ld, r)| *r && *t >= up_ms && ls == s && ld == d)
+            {
+                Some((t, ..)) => last_first = last_first.max(*t),
+                None => {
+                    done = false;
+                    break;
+                }
+            }
+        }
+        if done {
+            all_talk_ms = Some(last_first - up_ms);
+            break;
+        }
+    }
+    if let Some(ms) = all_talk_ms {
+        events.push((up_ms + ms, "every pair talks again".to_string()));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let usage: Vec<(f64, f64)> = lab.pids().iter().map(|p| proc_usage(*p)).collect();
+    let rss_mb = usage.iter().map(|u| u.0).sum();
+    let cpu_s = usage.iter().map(|u| u.1).sum::<f64>() - cpu0;
+    let wall_s = wall0.elapsed().as_secs_f64();
+    let log = mesh.stop();
+    let evictions = nodes
+        .iter()
+        .map(|k| (*k, lab.evictions(*k).len()))
+        .collect();
+    Ok(GatewayRun {
+        mode,
+        nodes,
+        per_segment,
+        log,
+        events,
+        down_ms,
+        up_ms,
+        all_talk_ms,
+        evictions,
+        rss_mb,
+        cpu_s,
+        wall_s,
+    })
+}
+
+/// Losses per receiving node.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GatewayLoss {
+    pub sent: u64,
+    /// Across the gateway while it was down (or within a second of its
+    /// return): what the outage itself drops, unavoidable.
+    pub across_outage: u64,
+    /// Any other loss before the gateway was back: pairs on one segment,
+    /// which the outage does not touch, dropped by a firewall.
+    pub other_outage: u64,
+    /// After the gateway was back (a second of slack for the first packets).
+    pub after: u64,
+}
+
+/// A 100 ms slot of one pair whose sends did not arrive (in that slot or
+/// the next) counts as lost.
+pub fn gateway_losses(r: &GatewayRun) -> BTreeMap<u8, GatewayLoss> {
+    let mut sent: BTreeMap<(u8, u8, u64), u64> = BTreeMap::new();
+    let mut got: BTreeMap<(u8, u8, u64), u64> = BTreeMap::new();
+    for (t, s, d, recv) in &r.log {
+        let key = (*s, *d, t / 100);
+        *(if *recv {
+            got.entry(key)
+        } else {
+            sent.entry(key)
+        })
+        .or_default() += 1;
+    }
+    let seg = |k: u8| k > r.per_segment;
+    let (down, after) = (r.down_ms / 100, (r.up_ms + 1000) / 100);
+    let mut out: BTreeMap<u8, GatewayLoss> = BTreeMap::new();
+    for ((s, d, b), n) in &sent {
+        let e = out.entry(*d).or_default();
+        e.sent += n;
+        let arrived = got.get(&(*s, *d, *b)).copied().unwrap_or(0)
+            + got.get(&(*s, *d, b + 1)).copied().unwrap_or(0);
+        if arrived > 0 {
+            continue;
+        }
+        if *b >= after {
+            e.after += n;
+        } else if *b >= down && seg(*s) != seg(*d) {
+            e.across_outage += n;
+        } else {
+            e.other_outage += n;
+        }
+    }
+    out
 }

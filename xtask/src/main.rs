@@ -193,9 +193,16 @@ fn main() {
     let r = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("test") => test(&args[1..]),
-        Some("demo") => setup()
-            .and_then(|()| build_release())
-            .and_then(|()| lab(&["demo"])),
+        Some("demo") => setup().and_then(|()| build_release()).and_then(|()| {
+            let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+            match rest.as_slice() {
+                [] | ["--scenario", "seed"] => lab(&["demo"]),
+                ["--scenario", "gateway", more @ ..] => {
+                    lab(&[&["demo", "--scenario", "gateway"][..], more].concat())
+                }
+                _ => bail!("usage: cargo xtask demo [--scenario seed|gateway]"),
+            }
+        }),
         Some("bench") => {
             let what = args.get(1).map(String::as_str).unwrap_or("all");
             setup()
@@ -227,7 +234,7 @@ fn main() {
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test [cargo test args] | demo | dist | bench [datapath|controller|all] | sim --seeds N [--seed S] | fuzz [--secs N] [TARGET...]>"
+                "usage: cargo xtask <setup | test [cargo test args] | demo [--scenario seed|gateway] | dist | bench [datapath|controller|all] | sim --seeds N [--seed S] | fuzz [--secs N] [TARGET...]>"
             );
             exit(2);
         }

@@ -553,6 +553,9 @@ fn spawn_sources(cfg: &Config) -> anyhow::Result<(mpsc::Receiver<(usize, Discove
 /// it counts as stalled, and its failure condition (logged once, reminded).
 struct Tracked {
     name: String,
+    /// How its failures read in the log: `discovery failed` with one
+    /// source (as before there were several), else naming the source.
+    what: String,
     stall_ms: u64,
     last_result_ms: u64,
     stalled: bool,
@@ -560,10 +563,16 @@ struct Tracked {
 }
 
 fn track(cfg: &Config, now: u64) -> Vec<Tracked> {
+    let several = cfg.discovery.len() > 1;
     config::source_names(&cfg.discovery)
         .into_iter()
         .zip(&cfg.discovery)
         .map(|(name, src)| Tracked {
+            what: if several {
+                format!("discovery source {name} failed")
+            } else {
+                "discovery failed".to_string()
+            },
             name,
             stall_ms: stall_ms(src),
             last_result_ms: now,
@@ -689,8 +698,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                         Discovery::Failed { reason, .. } => Some(reason.as_str()),
                         _ => None,
                     };
-                    let what = format!("discovery source {} failed", t.name);
-                    t.failing.observe(now, &what, failure);
+                    t.failing.observe(now, &t.what, failure);
                     d.shared_lock().metrics.source_result(&t.name, now, disc.kind());
                     d.core.handle_discovery_from(now, i, disc);
                 }
@@ -710,8 +718,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
                         now - t.last_result_ms,
                         t.stall_ms
                     );
-                    let what = format!("discovery source {} failed", t.name);
-                    t.failing.observe(now, &what, Some(&reason));
+                    t.failing.observe(now, &t.what, Some(&reason));
                     d.audit(AuditEvent::SourceStalled { no_result_ms: now - t.last_result_ms });
                     d.core.handle_discovery_from(now, i, Discovery::Failed { reason, meta: Default::default() });
                 }
