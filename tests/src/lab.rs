@@ -94,7 +94,8 @@ impl Lab {
                 "ip addr add 198.18.{seg}.1/24 dev {side} && ip link set {side} up"
             ));
         }
-        gw.sh_ok("sysctl -qw net.ipv4.ip_forward=1");
+        // /proc/sys/net is the entered namespace's own.
+        gw.sh_ok("echo 1 > /proc/sys/net/ipv4/ip_forward");
         let mut lab = Lab {
             br,
             nodes: Vec::new(),
