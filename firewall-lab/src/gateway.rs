@@ -135,29 +135,15 @@ fn svg(runs: &[GatewayRun]) -> String {
             y0 + top,
             x(r.up_ms) - x(r.down_ms)
         );
-        s += &format!(
-            r#"<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="black"/><line x1="{left}" y1="{}" x2="{left}" y2="{base}" stroke="black"/>"#,
-            left + w,
-            y0 + top
+        s += &crate::svg::axes(
+            left,
+            w,
+            y0 + top,
+            ph,
+            &[0.0, 1000.0, 2000.0, 3000.0],
+            ymax,
+            tmax,
         );
-        for v in [0.0, 1000.0, 2000.0, 3000.0] {
-            let y = base - v / ymax * ph;
-            s += &format!(
-                r##"<text x="{}" y="{}" text-anchor="end">{v}</text><line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##,
-                left - 5.0,
-                y + 4.0,
-                left + w
-            );
-        }
-        let mut xt = 0.0;
-        while xt <= tmax / 1000.0 {
-            s += &format!(
-                r#"<text x="{}" y="{}" text-anchor="middle">{xt:.0}s</text>"#,
-                left + xt * 1000.0 / tmax * w,
-                base + 15.0
-            );
-            xt += 10.0;
-        }
         let mut buckets = std::collections::BTreeMap::<u64, u64>::new();
         for (t, _, _, recv) in &r.log {
             if *recv {

@@ -5,6 +5,43 @@ use std::collections::BTreeMap;
 
 use crate::replay::Replay;
 
+/// A panel's axes at (`left`, `top`), `w` by `ph`: value grid lines at
+/// `yticks` (of `ymax`), and a time label every 10 s up to `tmax_ms`.
+pub(crate) fn axes(
+    left: f64,
+    w: f64,
+    top: f64,
+    ph: f64,
+    yticks: &[f64],
+    ymax: f64,
+    tmax_ms: f64,
+) -> String {
+    let base = top + ph;
+    let mut s = format!(
+        r#"<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{base}" stroke="black"/>"#,
+        left + w
+    );
+    for v in yticks {
+        let y = base - v / ymax * ph;
+        s += &format!(
+            r##"<text x="{}" y="{}" text-anchor="end">{v}</text><line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##,
+            left - 5.0,
+            y + 4.0,
+            left + w
+        );
+    }
+    let mut x_t = 0.0;
+    while x_t <= tmax_ms / 1000.0 {
+        let x = left + x_t * 1000.0 / tmax_ms * w;
+        s += &format!(
+            r#"<text x="{x}" y="{}" text-anchor="middle">{x_t:.0}s</text>"#,
+            base + 15.0
+        );
+        x_t += 10.0;
+    }
+    s
+}
+
 /// Delivered packets per second into each live node, one panel per mode,
 /// with the discovery events marked. Plain SVG, written by hand: a few
 /// polylines do not need a plotting library.
@@ -29,31 +66,9 @@ pub(crate) fn timeline_svg(runs: &[Replay]) -> String {
             r.mode
         );
         let base = y0 + top + ph;
-        s += &format!(
-            r#"<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="black"/><line x1="{left}" y1="{}" x2="{left}" y2="{base}" stroke="black"/>"#,
-            left + w,
-            y0 + top
-        );
         // 2 peers x 50 pps = 100 pps expected per node.
         let ymax = 120.0;
-        for v in [0.0, 50.0, 100.0] {
-            let y = base - v / ymax * ph;
-            s += &format!(
-                r##"<text x="{}" y="{}" text-anchor="end">{v}</text><line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##,
-                left - 5.0,
-                y + 4.0,
-                left + w
-            );
-        }
-        let mut x_t = 0.0;
-        while x_t <= tmax / 1000.0 {
-            let x = left + x_t * 1000.0 / tmax * w;
-            s += &format!(
-                r#"<text x="{x}" y="{}" text-anchor="middle">{x_t:.0}s</text>"#,
-                base + 15.0
-            );
-            x_t += 10.0;
-        }
+        s += &axes(left, w, y0 + top, ph, &[0.0, 50.0, 100.0], ymax, tmax);
         for (k, (name, color)) in colors.iter().enumerate() {
             let k = k as u8 + 2;
             let mut buckets: BTreeMap<u64, u64> = BTreeMap::new();

@@ -116,25 +116,20 @@ impl Lab {
         gw.sh_ok(&format!("ip link set gwa {st} && ip link set gwb {st}"));
     }
 
+    /// Node k on the one bridge of a `new` lab (198.18.0.(10+k)).
     pub fn add_node(&mut self, k: u8) {
-        let ns = Ns::new("fwln");
-        let port = unique("lp");
-        sh_ok(&format!(
-            "ip link add eth0 netns {} type veth peer name {port} netns {}",
-            ns.name, self.br.name
-        ));
-        self.br.sh_ok(&format!(
-            "ip link set {port} master br0 && ip link set {port} up"
-        ));
-        let ip = node_ip(k);
-        ns.sh_ok(&format!(
-            "ip addr add {ip}/24 dev eth0 && ip link set eth0 up"
-        ));
-        self.finish_node(k, ns, port, ip, None);
+        self.plug_node(k, 0, None);
     }
 
-    /// Node k on segment `seg` (0 or 1) of a `segments` lab.
+    /// Node k on segment `seg` (0 or 1) of a `segments` lab, routed through
+    /// the gateway, tagged with its segment's topology.
     fn add_node_in(&mut self, k: u8, seg: u8) {
+        self.plug_node(k, seg, Some(if seg == 0 { "a" } else { "b" }));
+    }
+
+    /// A namespace with `eth0` on bridge `br{seg}` at 198.18.{seg}.(10+k);
+    /// a segment lab's nodes also get the gateway as their default route.
+    fn plug_node(&mut self, k: u8, seg: u8, topo: Option<&str>) {
         let ns = Ns::new("fwln");
         let port = unique("lp");
         sh_ok(&format!(
@@ -145,11 +140,15 @@ impl Lab {
             "ip link set {port} master br{seg} && ip link set {port} up"
         ));
         let ip = IpAddr::V4(Ipv4Addr::new(198, 18, seg, 10 + k));
+        let route = if self.gw.is_some() {
+            format!(" && ip route add default via 198.18.{seg}.1")
+        } else {
+            String::new()
+        };
         ns.sh_ok(&format!(
-            "ip addr add {ip}/24 dev eth0 && ip link set eth0 up && ip route add default via 198.18.{seg}.1"
+            "ip addr add {ip}/24 dev eth0 && ip link set eth0 up{route}"
         ));
-        let topo = if seg == 0 { "a" } else { "b" };
-        self.finish_node(k, ns, port, ip, Some(topo));
+        self.finish_node(k, ns, port, ip, topo);
     }
 
     fn finish_node(&mut self, k: u8, ns: Ns, port: String, ip: IpAddr, topo: Option<&str>) {
