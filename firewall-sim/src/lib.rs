@@ -470,26 +470,34 @@ impl Sim {
             let before = self.store.visible();
             let (core, committed) = self.daemon.as_mut().unwrap();
             let r = commit(&mut self.store, committed, plan.changes.clone());
-            let outcome = match &r {
+            let outcome = match r {
                 Ok(Some(rep)) => {
                     self.committed_sets
                         .insert(rep.generation, committed.set.clone());
                     CommitResult::Committed {
                         generation: rep.generation,
+                        added: rep.added,
+                        removed: rep.removed,
                     }
                 }
                 Ok(None) => CommitResult::Committed {
                     generation: committed.generation,
+                    added: Vec::new(),
+                    removed: Vec::new(),
                 },
                 Err(e) => CommitResult::Failed {
                     reason: e.to_string(),
                 },
             };
             let now = self.now;
-            core.handle_commit_result(now, outcome.clone());
+            let what = match &outcome {
+                CommitResult::Committed { generation, .. } => format!("committed {generation}"),
+                CommitResult::Failed { reason } => format!("failed: {reason}"),
+            };
+            core.handle_commit_result(now, outcome);
             self.store.fault = None;
             self.log(format!(
-                "commit +{} -{} -> {outcome:?}",
+                "commit +{} -{} -> {what}",
                 plan.changes.add.len(),
                 plan.changes.remove.len()
             ));

@@ -345,40 +345,55 @@ impl Daemon {
                 .observe_commit(t0.elapsed().as_secs_f64());
             let now = now_ms();
             match r {
-                Ok(rep) => {
-                    let generation = rep
-                        .as_ref()
-                        .map_or(self.committed.generation, |r| r.generation);
-                    self.core
-                        .handle_commit_result(now, CommitResult::Committed { generation });
-                    if let Some(rep) = rep {
-                        // Evictions are listed whole (the budget keeps them few);
-                        // additions beyond AUDIT_LIST_MAX are counted, not listed,
-                        // so a first sync of 1M peers is one short line, not 30 MB.
-                        let evicted = to_evictions(&evictions);
-                        let st = self.core.status();
-                        let listed: Vec<ipnet::IpNet> = rep.added
-                            [..rep.added.len().min(AUDIT_LIST_MAX)]
-                            .iter()
-                            .map(|(n, _)| *n)
-                            .collect();
-                        let n_evicted = evicted.len();
-                        self.audit(AuditEvent::Commit {
+                Ok(None) => {
+                    let generation = self.committed.generation;
+                    self.core.handle_commit_result(
+                        now,
+                        CommitResult::Committed {
                             generation,
-                            added_count: rep.added.len() as u64,
-                            added: listed,
-                            evicted,
-                            held: st.held,
-                            freeze: st.freeze,
-                            gc_error: rep.gc_error.clone(),
-                        });
-                        tracing::info!(
+                            added: Vec::new(),
+                            removed: Vec::new(),
+                        },
+                    );
+                }
+                Ok(Some(rep)) => {
+                    let generation = rep.generation;
+                    // Evictions are listed whole (the budget keeps them few);
+                    // additions beyond AUDIT_LIST_MAX are counted, not listed,
+                    // so a first sync of 1M peers is one short line, not 30 MB.
+                    let evicted = to_evictions(&evictions);
+                    let listed: Vec<ipnet::IpNet> = rep.added
+                        [..rep.added.len().min(AUDIT_LIST_MAX)]
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect();
+                    let (n_added, n_evicted) = (rep.added.len(), evicted.len());
+                    let gc_error = rep.gc_error.clone();
+                    // The change lists go back to the core, moved.
+                    self.core.handle_commit_result(
+                        now,
+                        CommitResult::Committed {
                             generation,
-                            added = rep.added.len(),
-                            evicted = n_evicted,
-                            "committed"
-                        );
-                    }
+                            added: rep.added,
+                            removed: rep.removed,
+                        },
+                    );
+                    let st = self.core.status();
+                    self.audit(AuditEvent::Commit {
+                        generation,
+                        added_count: n_added as u64,
+                        added: listed,
+                        evicted,
+                        held: st.held,
+                        freeze: st.freeze,
+                        gc_error,
+                    });
+                    tracing::info!(
+                        generation,
+                        added = n_added,
+                        evicted = n_evicted,
+                        "committed"
+                    );
                 }
                 Err(StoreError::Conflict { .. }) => {
                     self.readopt("the datapath changed under us (an operator edit?)")?
@@ -898,7 +913,14 @@ pub fn plan(cfg: &Config) -> anyhow::Result<Plan> {
         };
         adds.extend(p.changes.add.iter().map(|(n, _)| *n));
         evictions.extend(p.evictions);
-        core.handle_commit_result(now, CommitResult::Committed { generation });
+        core.handle_commit_result(
+            now,
+            CommitResult::Committed {
+                generation,
+                added: p.changes.add,
+                removed: p.changes.remove,
+            },
+        );
     }
     let st = core.status();
     Ok(Plan {

@@ -318,14 +318,17 @@ pub(crate) fn bench_controller() -> anyhow::Result<()> {
         };
         t_core += t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        commit(&mut store, &mut cur, plan.changes)?;
+        let rep = commit(&mut store, &mut cur, plan.changes)?;
         let t_commit = t.elapsed().as_secs_f64() * 1e3;
         // The second source's verdict comes after the commit is planned:
         // the core judges absence over both lists on its next turn.
+        let rep = rep.unwrap_or_default();
         c.handle_commit_result(
             4,
             core::CommitResult::Committed {
                 generation: cur.generation,
+                added: rep.added,
+                removed: rep.removed,
             },
         );
         let t = Instant::now();
