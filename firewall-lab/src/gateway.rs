@@ -115,11 +115,7 @@ fn svg(runs: &[GatewayRun]) -> String {
         .unwrap_or(1) as f64;
     // 12 nodes x 11 peers x 20 pps.
     let ymax = 3000.0;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
-        w + left + 20.0,
-        runs.len() as f64 * (ph + top + 40.0) + 20.0
-    );
+    let mut s = crate::svg::open(w, left, ph, top, runs.len());
     for (i, r) in runs.iter().enumerate() {
         let y0 = 20.0 + i as f64 * (ph + top + 40.0);
         let base = y0 + top + ph;

@@ -20,16 +20,7 @@ pub(crate) struct Replay {
 pub(crate) fn replay(naive: bool) -> anyhow::Result<Replay> {
     use firewall_tests::lab::{Lab, Mesh};
     use std::time::{Duration, Instant};
-    let guards = if naive {
-        "naive = true"
-    } else {
-        "grace_ms = 300000"
-    };
-    let mode = if naive {
-        "naive (grace 0, no guards)"
-    } else {
-        "guarded (defaults)"
-    };
+    let (guards, mode) = firewall_tests::lab::comparison(naive);
     eprintln!("== replay: {mode}");
     let mut lab = Lab::new(4, guards);
     // n2's only seed is n1; the others know everyone.

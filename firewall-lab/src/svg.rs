@@ -5,6 +5,15 @@ use std::collections::BTreeMap;
 
 use crate::replay::Replay;
 
+/// The `<svg>` tag for `panels` panels of `w` by `ph` (plus margins).
+pub(crate) fn open(w: f64, left: f64, ph: f64, top: f64, panels: usize) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
+        w + left + 20.0,
+        panels as f64 * (ph + top + 40.0) + 20.0
+    )
+}
+
 /// A panel's axes at (`left`, `top`), `w` by `ph`: value grid lines at
 /// `yticks` (of `ymax`), and a time label every 10 s up to `tmax_ms`.
 pub(crate) fn axes(
@@ -53,11 +62,7 @@ pub(crate) fn timeline_svg(runs: &[Replay]) -> String {
         .flat_map(|r| r.log.iter().map(|e| e.0))
         .max()
         .unwrap_or(1) as f64;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
-        w + left + 20.0,
-        runs.len() as f64 * (ph + top + 40.0) + 20.0
-    );
+    let mut s = open(w, left, ph, top, runs.len());
     for (i, r) in runs.iter().enumerate() {
         let y0 = 20.0 + i as f64 * (ph + top + 40.0);
         s += &format!(

@@ -674,6 +674,18 @@ fn proc_usage(pid: i32) -> (f64, f64) {
     (rss, (ticks(11) + ticks(12)) / hz)
 }
 
+/// The two controllers the demos compare: the `[guards]` body, and its name.
+/// Naive behaves like the post-mortem's orchestrator; guarded is the
+/// defaults, with the 5-minute grace written out so a replay does not
+/// depend on the default.
+pub fn comparison(naive: bool) -> (&'static str, &'static str) {
+    if naive {
+        ("naive = true", "naive (grace 0, no guards)")
+    } else {
+        ("grace_ms = 300000", "guarded (defaults)")
+    }
+}
+
 /// The post-mortem's chain at fleet scale: `2 * per_segment` nodes in two
 /// segments joined by a gateway, Serf across all of them, two topologies
 /// by tag, the firewall and a controller (following both topologies) on
@@ -683,16 +695,7 @@ fn proc_usage(pid: i32) -> (f64, f64) {
 /// its only seed is beyond the gateway, so n1's list for topology b comes
 /// back empty (and its own topology self-only) until the gateway is back.
 pub fn gateway_run(naive: bool, per_segment: u8) -> Result<GatewayRun, String> {
-    let guards = if naive {
-        "naive = true"
-    } else {
-        "grace_ms = 300000"
-    };
-    let mode = if naive {
-        "naive (grace 0, no guards)"
-    } else {
-        "guarded (defaults)"
-    };
+    let (guards, mode) = comparison(naive);
     let n = 2 * per_segment;
     let nodes: Vec<u8> = (1..=n).collect();
     let mut lab = Lab::segments(per_segment, guards);
