@@ -580,8 +580,9 @@ fn under_systemd_the_unit_is_ready_on_notify_restarts_a_hung_loop_and_enforces_a
 
     // Logs reach the journal with their fields (format = "auto").
     assert!(
-        c.out("journalctl -u firewall-ctl -o verbose --no-pager")
-            .contains("GENERATION="),
+        wait_for(Duration::from_secs(20), || c
+            .out("journalctl -u firewall-ctl -o verbose --no-pager")
+            .contains("GENERATION=")),
         "no GENERATION= field in the journal"
     );
 
@@ -595,8 +596,10 @@ fn under_systemd_the_unit_is_ready_on_notify_restarts_a_hung_loop_and_enforces_a
         "the watchdog did not fire on a hung loop: {}",
         journal()
     );
+    // systemd logs the kill's outcome a moment after the timeout line.
     assert!(
-        journal().contains("Failed with result 'watchdog'"),
+        wait_for(Duration::from_secs(30), || journal()
+            .contains("Failed with result 'watchdog'")),
         "{}",
         journal()
     );
