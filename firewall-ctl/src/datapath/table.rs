@@ -323,21 +323,40 @@ impl<F: Family> Table<F> {
     /// generation, and `v` goes into the first empty slot, all in one pass
     /// over the probe window. Without a free slot nothing is written.
     pub fn stage_add(&self, a: F::Addr, v: PeerVal, committed: u64) -> Result<Slot, NoSlot> {
-        self.place(a, v, Some(committed))
+        self.place(self.home(&a), a, v, Some(committed))
+    }
+
+    /// [`Table::stage_add`] with the home bucket already computed (a full
+    /// sync hashes each address once, to order the additions).
+    pub fn stage_add_at(
+        &self,
+        home: u32,
+        a: F::Addr,
+        v: PeerVal,
+        committed: u64,
+    ) -> Result<Slot, NoSlot> {
+        debug_assert_eq!(home, self.home(&a));
+        self.place(home, a, v, Some(committed))
     }
 
     /// Write `v` for `a` into the first empty slot of its probe window,
     /// leaving any other version alone (test and benchmark set-up).
     pub fn insert(&self, a: F::Addr, v: PeerVal) -> Result<Slot, NoSlot> {
-        self.place(a, v, None)
+        self.place(self.home(&a), a, v, None)
     }
 
     /// `v.removed_gen` must not be 0, and `v` must be invisible at the
     /// committed generation (staged): see the module's protocol.
-    fn place(&self, a: F::Addr, v: PeerVal, replace_live_at: Option<u64>) -> Result<Slot, NoSlot> {
+    fn place(
+        &self,
+        home: u32,
+        a: F::Addr,
+        v: PeerVal,
+        replace_live_at: Option<u64>,
+    ) -> Result<Slot, NoSlot> {
         let mut first_empty = None;
         let mut old = Vec::new();
-        let mut b = self.home(&a);
+        let mut b = home;
         for dist in 0..self.probe_len() {
             for index in 0..SLOTS {
                 let s = Slot { bucket: b, index };
@@ -366,7 +385,6 @@ impl<F: Family> Table<F> {
                 probe: self.probe_len(),
             });
         };
-        let home = self.home(&a);
         for d in 0..dist {
             self.spill_of((home + d) & (self.buckets - 1))
                 .fetch_add(1, Release);
