@@ -770,18 +770,28 @@ impl Core {
         // cheap check on sorted input, and keeps the result right regardless.
         present.sort_unstable();
         present.dedup();
-        let before = self.pending_adds.len();
+        // New additions only: a second source listing the same members adds
+        // nothing (pushing them all and deduplicating after doubled the
+        // buffer, 19 MB at 1M members). Both lists are sorted: one merge.
+        let mut fresh = Vec::new();
+        let mut pending = self.pending_adds.iter().peekable();
         for n in &present {
             self.absent.remove(n);
             self.held.remove(n);
             self.approved.remove(n);
+            while pending.next_if(|p| *p < n).is_some() {}
+            if pending.peek() == Some(&n) {
+                continue;
+            }
             if !self.committed.contains_key(n) {
-                self.pending_adds.push(*n);
+                fresh.push(*n);
             }
         }
-        if self.pending_adds.len() > before {
+        if self.pending_adds.is_empty() {
+            self.pending_adds = fresh;
+        } else if !fresh.is_empty() {
+            self.pending_adds.extend(fresh);
             self.pending_adds.sort_unstable();
-            self.pending_adds.dedup();
         }
         present
     }
@@ -990,14 +1000,17 @@ impl Core {
                 removed,
             } => {
                 for n in &removed {
-                    self.committed.remove(n);
                     self.absent.remove(n);
                     self.held.remove(n);
                     self.approved.remove(n);
                 }
-                for (n, o) in added {
-                    self.committed.insert(n, o);
-                }
+                crate::commit::apply_owned(
+                    &mut self.committed,
+                    Changes {
+                        add: added,
+                        remove: removed,
+                    },
+                );
                 let committed = &self.committed;
                 self.pending_adds.retain(|n| !committed.contains_key(n));
                 if self.pending_adds.is_empty() {
