@@ -143,8 +143,18 @@ pub enum CommitResult {
 pub struct Persisted {
     pub generation: u64,
     pub absent: BTreeMap<IpNet, Absence>,
-    /// The present members of the last clean result, and when it came.
+    /// The present members of the last clean result, as files before
+    /// `last_good_members` listed them: read (for their count), never
+    /// written. Nothing decides by the list, and writing it made every clean
+    /// result rewrite and fsync the whole fleet (1M peers: tens of MB in
+    /// pretty JSON, several times a second with Serf).
+    #[serde(default, skip_serializing)]
     pub last_good: Vec<IpNet>,
+    /// How many members the sources' last clean results listed.
+    #[serde(default)]
+    pub last_good_members: Option<u64>,
+    /// When the last clean result came: the file is not rewritten for this
+    /// alone more than once a minute, so it may be up to a minute old.
     pub last_good_ms: Option<u64>,
     pub held: BTreeSet<IpNet>,
     pub approved: BTreeSet<IpNet>,
@@ -452,7 +462,9 @@ impl Core {
             retry_delay_ms: 0,
             last_fail: None,
             actions: VecDeque::new(),
-            last_good_len: p.last_good.len(),
+            last_good_len: p
+                .last_good_members
+                .map_or(p.last_good.len(), |n| n as usize),
             last_good_ms: p.last_good_ms,
             last_result: None,
             pending_adds: Vec::new(),
@@ -1176,7 +1188,9 @@ impl Core {
                 .iter()
                 .map(|s| (&s.name, s.max_revision))
                 .collect::<Vec<_>>(),
-            self.last_good_ms,
+            // A minute's resolution: a clean result every 200 ms must not
+            // rewrite (and fsync) the state file every 200 ms.
+            self.last_good_ms.map(|t| t / 60_000),
             self.last_good_len,
         )
             .hash(&mut h);
@@ -1192,20 +1206,8 @@ impl Core {
         Persisted {
             generation: self.generation,
             absent: self.absent.clone(),
-            last_good: {
-                let mut all: Vec<IpNet> = self
-                    .sources
-                    .iter()
-                    .filter_map(|s| match &s.last {
-                        Some(Verdict::Clean { present, .. }) => Some(present.iter().copied()),
-                        _ => None,
-                    })
-                    .flatten()
-                    .collect();
-                all.sort_unstable();
-                all.dedup();
-                all
-            },
+            last_good: Vec::new(),
+            last_good_members: Some(self.last_good_len as u64),
             last_good_ms: self.last_good_ms,
             held: self.held.clone(),
             approved: self.approved.clone(),
@@ -1686,6 +1688,31 @@ mod tests {
         let plans = drain(&mut c, 11_000);
         assert_eq!(plans[0].changes.remove, vec![p(4)]);
         assert_eq!(plans[0].evictions[0].1.since_ms, 1_000);
+    }
+
+    #[test]
+    fn a_clean_result_alone_rewrites_the_state_file_at_most_once_a_minute() {
+        let mut c = Core::new(g(), PeerSet::new(), 0, None, 0);
+        c.handle_discovery(1_000, alive(&[1, 2, 3]));
+        let first = c.persisted_fingerprint();
+        // The same members again and again within the minute: no rewrite.
+        for t in [1_200, 1_400, 30_000, 59_000] {
+            c.handle_discovery(t, alive(&[1, 2, 3]));
+            assert_eq!(c.persisted_fingerprint(), first, "at {t} ms");
+        }
+        // A minute on, the time of the last clean result is worth writing.
+        c.handle_discovery(61_000, alive(&[1, 2, 3]));
+        assert_ne!(c.persisted_fingerprint(), first);
+        // The file carries the count, not the list.
+        let json = serde_json::to_string(&c.persisted()).unwrap();
+        assert!(json.contains("\"last_good_members\":3"), "{json}");
+        assert!(!json.contains("\"last_good\""), "{json}");
+        // A file written before keeps its meaning: the list is counted.
+        let old = r#"{"generation":0,"absent":{},"last_good":["198.18.0.1/32","198.18.0.2/32"],
+            "last_good_ms":5,"held":[],"approved":[],"max_revision":null}"#;
+        let old: Persisted = serde_json::from_str(old).unwrap();
+        let c = Core::new(g(), PeerSet::new(), 0, Some(old), 10);
+        assert_eq!(c.persisted().last_good_members, Some(2));
     }
 
     #[test]
