@@ -370,8 +370,17 @@ fn sighup_reloads_guards_keeps_state_and_refuses_a_bad_config() {
     assert_eq!(reloaded["changed"], serde_json::json!(["guards"]));
     // The datapath was never reloaded: no commit lost, no generation skipped
     // back, and the live peers never dropped a packet.
-    let now = d.status().unwrap()["core"]["generation"].as_u64().unwrap();
-    assert!(now > generation);
+    // The eviction is in the kernel before status.json is republished:
+    // wait for the status to show it rather than read it once.
+    assert!(
+        wait_for(Duration::from_secs(10), || d.status().is_some_and(|s| {
+            s["core"]["generation"]
+                .as_u64()
+                .is_some_and(|now| now > generation)
+        })),
+        "{:?}",
+        d.status()
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_no_loss(&traffic.stop(), &live);
     // pin_dir cannot move on a reload.

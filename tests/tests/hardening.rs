@@ -506,10 +506,16 @@ fn a_source_that_never_answers_is_stalled_and_freezes_deletions() {
         d.log()
     );
     assert!(d.log().contains("source stalled"), "{}", d.log());
-    let st = d.status().expect("status.json");
+    // status.json is republished after the audit line is written: wait for
+    // it rather than read it once (a CI run read it in between).
+    let alarmed = || {
+        d.status()
+            .is_some_and(|st| st["core"]["alarms"].to_string().contains("source stalled"))
+    };
     assert!(
-        st["core"]["alarms"].to_string().contains("source stalled"),
-        "{st}"
+        wait_for(Duration::from_secs(10), alarmed),
+        "{:?}",
+        d.status()
     );
     // SIGTERM is answered although a read is still hanging on its thread.
     d.signal(libc::SIGTERM);
