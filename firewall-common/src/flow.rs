@@ -79,6 +79,72 @@ pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 /// is full the least recently used flow goes, and a reply to it drops.
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 
+/// One cache line of `FLOW_FILTER`: a byte per flow-hash slot.
+///
+/// The filter lets a packet that is not a reply skip the `FLOWS` lookup (a
+/// kernel hash of the key and a bucket walk, most of what the reply rule
+/// cost a dropped packet). A zero byte at a hash's slot means no flow with
+/// that hash is in `FLOWS`; a set byte means there may be one. It has two
+/// halves:
+/// - the egress program, on recording a new flow, sets the flow's byte in
+///   both halves, after the `FLOWS` insert and before the packet leaves (so
+///   before any reply can arrive);
+/// - the XDP program reads the half `Control::flow_filter_half` names;
+/// - the controller clears the other half, then sets the byte of every key
+///   `FLOWS` holds, and flips `flow_filter_half` to it. A flow recorded
+///   while it clears either has its byte set after the clear, or was in
+///   `FLOWS` before the walk began and is found by the walk.
+///
+/// Bytes rather than bits: two CPUs recording two flows set two bytes with
+/// plain stores, where a bit would need an atomic read-modify-write. A
+/// wrong "absent" would drop a reply (fail closed); a wrong "present" costs
+/// one lookup. Without a controller (a CLI-only node) bytes only
+/// accumulate, and the filter tends to "present" everywhere: replies still
+/// pass, drops cost what they did before it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub struct FilterLine {
+    pub bytes: [u8; 64],
+}
+
+impl Default for FilterLine {
+    fn default() -> Self {
+        FilterLine { bytes: [0; 64] }
+    }
+}
+
+/// Filter bytes per flow of `FLOWS`' capacity: with the table full, about
+/// one slot in 16 is set, so 94% of packets with no flow skip the lookup.
+pub const FILTER_BYTES_PER_FLOW: u32 = 16;
+
+/// Lines in each half of `FLOW_FILTER` for a flow table of `max_flows`: a
+/// power of two, at least one, at most [`FILTER_MAX_LINES`].
+pub const fn filter_lines_for(max_flows: u32) -> u32 {
+    let slots = (max_flows as u64 * FILTER_BYTES_PER_FLOW as u64).next_power_of_two();
+    let lines = slots / 64;
+    if lines == 0 {
+        1
+    } else if lines > FILTER_MAX_LINES as u64 {
+        FILTER_MAX_LINES
+    } else {
+        lines as u32
+    }
+}
+
+/// 64 MiB a half: reached at 4M flows; a larger table (up to 16M) fills
+/// more of its filter instead of taking more memory.
+pub const FILTER_MAX_LINES: u32 = 1 << 20;
+
+/// Where `hash`'s byte is in half `half` of a filter of `lines` lines per
+/// half (a power of two): (the array index, the byte in that line). The
+/// line comes from the hash's high bits, the byte from its low six, so the
+/// two never reuse the same bits.
+#[inline(always)]
+pub fn filter_slot(hash: u64, lines: u32, half: u32) -> (u32, usize) {
+    let line = ((hash >> 32) as u32) & lines.wrapping_sub(1);
+    ((half & 1) * lines + line, (hash & 63) as usize)
+}
+
 /// Default idle timeouts (`attach --flow-timeouts`), in seconds. TCP's is
 /// long because an idle connection is still a connection (Linux conntrack
 /// keeps an established one for 5 days); the node's keepalives refresh it.
@@ -146,3 +212,35 @@ pub const DEFAULT_EVENT_RATE: u32 = 1000;
 /// enforce would have dropped.
 pub const POLICY_ENFORCE: u32 = 0;
 pub const POLICY_OBSERVE: u32 = 1;
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    #[test]
+    fn filter_sizes_are_powers_of_two_within_bounds() {
+        for n in [1u32, 64, 1000, 65_536, 100_000, 4_194_304, 16_777_216] {
+            let l = filter_lines_for(n);
+            assert!(l.is_power_of_two() && l <= FILTER_MAX_LINES, "{n}: {l}");
+            if (n as u64) * FILTER_BYTES_PER_FLOW as u64 <= FILTER_MAX_LINES as u64 * 64 {
+                assert!(l as u64 * 64 >= n as u64 * FILTER_BYTES_PER_FLOW as u64);
+            }
+        }
+        assert_eq!(filter_lines_for(65_536), 16_384);
+    }
+
+    #[test]
+    fn slots_stay_in_their_half() {
+        let lines = filter_lines_for(1000);
+        let mut h = 0x1234_5678_9abc_def1u64;
+        for _ in 0..10_000 {
+            h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17);
+            for half in 0..2 {
+                let (line, byte) = filter_slot(h, lines, half);
+                assert!(line / lines == half && byte < 64);
+                // The other half's slot is the same place, one half along.
+                assert_eq!(filter_slot(h, lines, 1 - half).0 % lines, line % lines);
+            }
+        }
+    }
+}

@@ -16,7 +16,7 @@ pub mod overlay_toml;
 
 /// Bumped whenever a pinned map's key or value layout changes. A pin directory
 /// holding maps of another ABI is refused instead of being silently reused.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 /// `CTRL.magic`: "FWC1" in ASCII, so a hex dump shows what the map is.
 pub const CTRL_MAGIC: u32 = u32::from_be_bytes(*b"FWC1");
 
@@ -39,9 +39,11 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     /// The per-CPU token buckets that rate-limit `EVENTS`.
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    /// Which flow hashes may be in `FLOWS` (see `flow::filter_slot`).
+    pub const FLOW_FILTER: &str = "FLOW_FILTER";
     /// Maps shared by every interface of one pin directory: one fleet
     /// allowlist, one flow table, one event stream.
-    pub const SHARED: [&str; 10] = [
+    pub const SHARED: [&str; 11] = [
         PEERS_V4,
         PEERS_V6,
         CIDR4_0,
@@ -50,6 +52,7 @@ pub mod names {
         CIDR6_1,
         CTRL,
         FLOWS,
+        FLOW_FILTER,
         EVENTS,
         EVENT_BUCKET,
     ];
@@ -246,10 +249,18 @@ pub struct Control {
     pub replies: u32,
     /// Drop events per second per CPU; 0 turns events off.
     pub event_rate: u32,
-    pub _pad: u32,
+    /// The half of `FLOW_FILTER` the reply rule reads (0 or 1). The
+    /// controller rebuilds the other half and flips this word with one
+    /// aligned store (see `flow::filter_slot`).
+    pub flow_filter_half: u32,
     /// Idle timeouts of a flow, indexed by `flow::timeout_index`: TCP, UDP,
     /// ICMP/ICMPv6 echo.
     pub flow_timeout_ns: [u64; 3],
+    /// Lines (`flow::FilterLine`) in each half of `FLOW_FILTER`, a power of
+    /// two; 0 (a directory attached before the filter was sized) turns the
+    /// filter off, and every would-drop packet looks its flow up.
+    pub flow_filter_lines: u32,
+    pub _pad: u32,
 }
 
 /// Per-CPU counters, one per verdict reason.
@@ -462,6 +473,8 @@ mod pod {
     unsafe impl aya::Pod for super::flow::DropEvent {}
     // SAFETY: as for Bucket4.
     unsafe impl aya::Pod for super::flow::EventBucket {}
+    // SAFETY: as for Bucket4.
+    unsafe impl aya::Pod for super::flow::FilterLine {}
 }
 
 // Layout asserts: a change here changes the kernel ABI and must bump ABI_VERSION.
@@ -474,7 +487,8 @@ const _: () = {
     assert!(size_of::<Bucket4>().is_multiple_of(8) && size_of::<Bucket6>().is_multiple_of(8));
     assert!(size_of::<PeerVal>() == 32);
     assert!(size_of::<CidrVal>() == 8);
-    assert!(size_of::<Control>() == 152);
+    assert!(size_of::<Control>() == 160);
+    assert!(size_of::<flow::FilterLine>() == 64);
     assert!(size_of::<Counters>() == 88);
     assert!(size_of::<flow::FlowKey>() == 40);
     assert!(size_of::<flow::FlowVal>() == 56);

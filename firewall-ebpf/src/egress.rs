@@ -9,11 +9,13 @@
 use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::bpf_ktime_get_coarse_ns, macros::classifier, programs::TcContext,
 };
-use firewall_common::flow::{FAMILY_V4, FAMILY_V6, FLOW_REFRESH_NS, FlowKey, FlowVal, flow_hash};
+use firewall_common::flow::{
+    FAMILY_V4, FAMILY_V6, FLOW_REFRESH_NS, FlowKey, FlowVal, filter_slot, flow_hash,
+};
 
 use super::{
-    CTRL, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FLOWS, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP,
+    CTRL, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FLOW_FILTER, FLOWS, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 #[classifier]
@@ -127,14 +129,37 @@ fn record(ctx: &TcContext) -> Option<()> {
         // Another flow with the same 64-bit hash: the newer one takes the
         // entry (the older one's replies drop until it speaks again).
     }
-    let _ = FLOWS.insert(
-        h,
-        FlowVal {
-            key: k,
-            first_seen_ns: now,
-            last_seen_ns: now,
-        },
-        0,
-    );
+    if FLOWS
+        .insert(
+            h,
+            FlowVal {
+                key: k,
+                first_seen_ns: now,
+                last_seen_ns: now,
+            },
+            0,
+        )
+        .is_ok()
+    {
+        // After the insert, before the packet leaves: see FilterLine.
+        mark(h, ctrl.flow_filter_lines);
+    }
     Some(())
+}
+
+/// Set `h`'s byte in both halves of `FLOW_FILTER`.
+#[inline(always)]
+fn mark(h: u64, lines: u32) {
+    if lines == 0 {
+        return;
+    }
+    for half in 0..2 {
+        let (line, byte) = filter_slot(h, lines, half);
+        if let Some(l) = FLOW_FILTER.get_ptr_mut(line) {
+            // SAFETY: a pointer to this line's value, valid for the program
+            // run; `byte` < 64. A one-byte store: another CPU setting
+            // another byte of the line cannot undo it.
+            unsafe { core::ptr::write_volatile(&mut (*l).bytes[byte], 1) };
+        }
+    }
 }

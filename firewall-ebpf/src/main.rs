@@ -30,7 +30,10 @@ use aya_ebpf::{
 use firewall_common::{
     Bucket4, Bucket6, CidrVal, Control, Counters, DEFAULT_MAX_PEERS, MAX_CIDRS, MAX_PROBE,
     OVERLAY_MAGIC, OverlayRule, OverlayTable, PEERS_PER_BUCKET, Reason, SLOTS,
-    flow::{DEFAULT_MAX_FLOWS, DropEvent, EventBucket, FAMILY_V4, FAMILY_V6, FlowVal},
+    flow::{
+        DEFAULT_MAX_FLOWS, DropEvent, EventBucket, FAMILY_V4, FAMILY_V6, FilterLine, FlowVal,
+        filter_lines_for,
+    },
     hash4, hash6,
 };
 
@@ -84,6 +87,15 @@ static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 // size is the default; attach sets it from --max-flows.
 #[btf_map]
 static FLOWS: LruHashMap<u64, FlowVal, { DEFAULT_MAX_FLOWS as usize }> = LruHashMap::new();
+// Which flow hashes may be in FLOWS, two halves (see
+// firewall_common::flow::FilterLine). Sized for the default capacity here;
+// attach sizes it from --max-flows, and CTRL.flow_filter_lines says it.
+#[btf_map]
+static FLOW_FILTER: Array<
+    FilterLine,
+    { 2 * filter_lines_for(DEFAULT_MAX_FLOWS) as usize },
+    BPF_F_MMAPABLE,
+> = Array::new();
 // Where classify left off for a packet it would drop (see reply::remember).
 #[btf_map]
 static PARSED: PerCpuArray<reply::Parsed, 1> = PerCpuArray::new();

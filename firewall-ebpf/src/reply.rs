@@ -3,15 +3,19 @@
 //! Runs only on the would-drop path, so peers and the overlay never pay for
 //! it. `firewall_common::classify` states the same rule over a byte slice.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
+};
 use firewall_common::{
     Control,
-    flow::{FAMILY_V4, FAMILY_V6, FlowKey, flow_hash, timeout_index},
+    flow::{FAMILY_V4, FAMILY_V6, FlowKey, filter_slot, flow_hash, timeout_index},
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use super::{
-    CTRL, FLOWS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PARSED, be16, ptr_at,
+    CTRL, FLOW_FILTER, FLOWS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PARSED, be16,
+    ptr_at,
 };
 
 /// What classify learned of a packet it is about to drop: where its IP and
@@ -29,6 +33,10 @@ pub(super) struct Parsed {
     /// never taken for this one's.
     len: u32,
     _pad: u32,
+    /// This CPU's last reading of the coarse clock, and the jiffies count
+    /// it was taken at (see `now_ns`).
+    clock_jiffies: u64,
+    clock_ns: u64,
 }
 
 #[inline(always)]
@@ -42,15 +50,13 @@ pub(super) fn remember(
 ) {
     if let Some(p) = PARSED.get_ptr_mut(0) {
         // SAFETY: this CPU's record, valid for the program run.
+        // Field by field: the clock cache stays.
         unsafe {
-            *p = Parsed {
-                l3: l3 as u32,
-                l4: l4 as u32,
-                proto: proto as u32,
-                family: if later_fragment { 0 } else { family as u32 },
-                len: (ctx.data_end() - ctx.data()) as u32,
-                _pad: 0,
-            }
+            (*p).l3 = l3 as u32;
+            (*p).l4 = l4 as u32;
+            (*p).proto = proto as u32;
+            (*p).family = if later_fragment { 0 } else { family as u32 };
+            (*p).len = (ctx.data_end() - ctx.data()) as u32;
         };
     }
 }
@@ -64,11 +70,12 @@ pub(super) fn check(ctx: &XdpContext) -> bool {
     if ctrl.replies == 0 {
         return false;
     }
-    let Some(p) = PARSED.get_ptr(0) else {
+    let Some(p) = PARSED.get_ptr_mut(0) else {
         return false;
     };
-    // SAFETY: this CPU's record, valid for the program run.
-    let p = unsafe { &*p };
+    // SAFETY: this CPU's record, valid for the program run; per-CPU, so no
+    // other program run touches it meanwhile.
+    let p = unsafe { &mut *p };
     if p.len != (ctx.data_end() - ctx.data()) as u32 {
         return false;
     }
@@ -82,16 +89,52 @@ pub(super) fn check(ctx: &XdpContext) -> bool {
     }
     let proto = p.proto as u8;
     match p.family {
-        4 => reply_v4(ctx, ctrl, l3, l4, proto),
-        6 => reply_v6(ctx, ctrl, l3, l4, proto),
+        4 => reply_v4(ctx, ctrl, p, l3, l4, proto),
+        6 => reply_v6(ctx, ctrl, p, l3, l4, proto),
         _ => false,
     }
 }
 
+/// CLOCK_MONOTONIC_COARSE, read at most once per tick per CPU.
+///
+/// The coarse clock (one tick of resolution) is a memory read where
+/// bpf_ktime_get_ns reads the TSC (25 ns per packet on the benchmark VM),
+/// but it is still a helper call: 14 ns a reply on the benchmark VM, with
+/// its return thunk. It only moves when the tick does, and `bpf_jiffies64`
+/// is one load (the verifier inlines it), so a reading is reused until
+/// jiffies moves on. Timeouts are in seconds; a reading is at most one tick
+/// old.
+#[inline(always)]
+fn now_ns(p: &mut Parsed) -> u64 {
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let j = unsafe { bpf_jiffies64() };
+    if j != p.clock_jiffies || p.clock_ns == 0 {
+        p.clock_jiffies = j;
+        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+        p.clock_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    p.clock_ns
+}
+
 /// Is `key` recorded and not idle past its protocol's timeout?
 #[inline(always)]
-fn live(ctrl: &Control, key: &FlowKey) -> bool {
-    let Some(v) = FLOWS.get_ptr(flow_hash(key, &ctrl.hash_seed)) else {
+fn live(ctrl: &Control, rec: &mut Parsed, key: &FlowKey) -> bool {
+    let h = flow_hash(key, &ctrl.hash_seed);
+    let lines = ctrl.flow_filter_lines;
+    if lines != 0 {
+        // SAFETY: `ctrl` is a valid reference into the CTRL array value; the
+        // controller flips this word alone, with one aligned store, after
+        // writing the half it names (x86 loads are acquires, see
+        // `generation_of`).
+        let half = unsafe { core::ptr::read_volatile(&ctrl.flow_filter_half) };
+        let (line, byte) = filter_slot(h, lines, half);
+        // Not in FLOWS (see FilterLine): no lookup needed.
+        match FLOW_FILTER.get(line) {
+            Some(l) if l.bytes[byte] != 0 => {}
+            _ => return false,
+        }
+    }
+    let Some(v) = FLOWS.get_ptr(h) else {
         return false;
     };
     // SAFETY: as below; the key is written only when the entry is created.
@@ -109,11 +152,7 @@ fn live(ctrl: &Control, key: &FlowKey) -> bool {
     // run; the egress program may store a newer time concurrently (an aligned
     // 8-byte store), which a volatile read sees whole.
     let last = unsafe { core::ptr::read_volatile(&(*v).last_seen_ns) };
-    // The coarse clock (CLOCK_MONOTONIC_COARSE, one tick of resolution) is
-    // a memory read where bpf_ktime_get_ns reads the TSC: on the benchmark
-    // VM that was 25 ns per packet, and timeouts are in seconds.
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns(rec);
     // A flow refreshed after `now` was read is live.
     now <= last || now - last <= ctrl.flow_timeout_ns[timeout_index(key.proto)]
 }
@@ -144,7 +183,14 @@ fn key(family: u8, proto: u8, remote: [u8; 16], local: [u8; 16]) -> FlowKey {
 /// IPv4: the IP header at `off` (checked by classify), the transport header
 /// at `l4`.
 #[inline(always)]
-fn reply_v4(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, proto: u8) -> bool {
+fn reply_v4(
+    ctx: &XdpContext,
+    ctrl: &Control,
+    rec: &mut Parsed,
+    off: usize,
+    l4: usize,
+    proto: u8,
+) -> bool {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
         return false;
     };
@@ -159,7 +205,7 @@ fn reply_v4(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, proto: u8) 
         let p = unsafe { *p };
         k.remote_port = be16([p[0], p[1]]);
         k.local_port = be16([p[2], p[3]]);
-        return live(ctrl, &k);
+        return live(ctrl, rec, &k);
     }
     if proto != IPPROTO_ICMP {
         return false;
@@ -172,7 +218,7 @@ fn reply_v4(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, proto: u8) 
     if h[0] == 0 {
         // Echo reply: the identifier is the flow's local port.
         k.local_port = be16([h[4], h[5]]);
-        return live(ctrl, &k);
+        return live(ctrl, rec, &k);
     }
     if h[0] != 3 && h[0] != 11 {
         return false;
@@ -197,7 +243,7 @@ fn reply_v4(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, proto: u8) 
     let t = unsafe { *t };
     let iproto = iip.proto;
     k = key(FAMILY_V4, iproto, v4(iip.dst_addr), v4(iip.src_addr));
-    inner_ports(&mut k, iproto, t, IPPROTO_ICMP, 8) && live(ctrl, &k)
+    inner_ports(&mut k, iproto, t, IPPROTO_ICMP, 8) && live(ctrl, rec, &k)
 }
 
 /// The flow's ports from the first 8 bytes of an embedded transport header.
@@ -218,7 +264,14 @@ fn inner_ports(k: &mut FlowKey, iproto: u8, t: [u8; 8], icmp: u8, echo_request: 
 /// IPv6: the IP header at `off` (checked by the caller), the transport
 /// header at `l4` past any extension headers, of protocol `next`.
 #[inline(always)]
-fn reply_v6(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, next: u8) -> bool {
+fn reply_v6(
+    ctx: &XdpContext,
+    ctrl: &Control,
+    rec: &mut Parsed,
+    off: usize,
+    l4: usize,
+    next: u8,
+) -> bool {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
         return false;
     };
@@ -233,7 +286,7 @@ fn reply_v6(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, next: u8) -
         let p = unsafe { *p };
         k.remote_port = be16([p[0], p[1]]);
         k.local_port = be16([p[2], p[3]]);
-        return live(ctrl, &k);
+        return live(ctrl, rec, &k);
     }
     if next != IPPROTO_ICMPV6 {
         return false;
@@ -245,7 +298,7 @@ fn reply_v6(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, next: u8) -
     let h = unsafe { *h };
     if h[0] == 129 {
         k.local_port = be16([h[4], h[5]]);
-        return live(ctrl, &k);
+        return live(ctrl, rec, &k);
     }
     // Destination unreachable, packet too big, time exceeded.
     if h[0] != 1 && h[0] != 2 && h[0] != 3 {
@@ -267,5 +320,5 @@ fn reply_v6(ctx: &XdpContext, ctrl: &Control, off: usize, l4: usize, next: u8) -
     let t = unsafe { *t };
     let iproto = iip.next_hdr;
     k = key(FAMILY_V6, iproto, iip.dst_addr, iip.src_addr);
-    inner_ports(&mut k, iproto, t, IPPROTO_ICMPV6, 128) && live(ctrl, &k)
+    inner_ports(&mut k, iproto, t, IPPROTO_ICMPV6, 128) && live(ctrl, rec, &k)
 }

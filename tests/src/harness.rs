@@ -60,7 +60,25 @@ pub fn test_control(v4: &Table<V4>, v6: &Table<V6>) -> Control {
         bucket_mask: [v4.buckets() - 1, v6.buckets() - 1],
         replies: 1,
         flow_timeout_ns: [3_600_000_000_000; 3],
+        flow_filter_lines: TEST_FILTER_LINES,
         ..Default::default()
+    }
+}
+
+/// `FLOW_FILTER` lines per half in the object as built (its default size).
+pub const TEST_FILTER_LINES: u32 =
+    firewall_common::flow::filter_lines_for(firewall_common::flow::DEFAULT_MAX_FLOWS);
+
+/// Set `hash`'s byte in both halves of an unpinned object's `FLOW_FILTER`,
+/// as the egress program does when it records a flow.
+pub fn mark_filter(ebpf: &mut aya::Ebpf, hash: u64) {
+    let mut m: Array<_, firewall_common::flow::FilterLine> =
+        ebpf.map_mut("FLOW_FILTER").unwrap().try_into().unwrap();
+    for half in 0..2 {
+        let (line, byte) = firewall_common::flow::filter_slot(hash, TEST_FILTER_LINES, half);
+        let mut l = m.get(&line, 0).unwrap();
+        l.bytes[byte] = 1;
+        m.set(line, l, 0).unwrap();
     }
 }
 
@@ -124,6 +142,23 @@ impl Harness {
             0,
         )
         .unwrap();
+        mark_filter(&mut self.ebpf, hash);
+    }
+    /// Clear `hash`'s byte in the filter half in force: the datapath then
+    /// takes the flow for absent, whatever FLOWS holds.
+    pub fn unmark_filter(&mut self, hash: u64) {
+        let mut half = 0;
+        self.set_control(|c| half = c.flow_filter_half);
+        let mut m: Array<_, firewall_common::flow::FilterLine> = self
+            .ebpf
+            .map_mut("FLOW_FILTER")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let (line, byte) = firewall_common::flow::filter_slot(hash, TEST_FILTER_LINES, half);
+        let mut l = m.get(&line, 0).unwrap();
+        l.bytes[byte] = 0;
+        m.set(line, l, 0).unwrap();
     }
     pub fn add_exact(&mut self, addr: IpAddr, added: u64, removed: u64) {
         let v = PeerVal {

@@ -477,9 +477,23 @@ fn metrics_health_and_readiness_over_http() {
         &dir,
         &live,
         "grace_ms = 60000\ngraceful_grace_ms = 60000\n[metrics]\nlisten = \"127.0.0.1:9464\"",
-        &[],
+        &[("FIREWALL_CTL_FAILPOINTS", "flow-filter-rebuild-ms=200")],
     );
     let get = |path: &str| firewall_tests::http_get(&p.a, addr, path);
+    // The daemon rebuilds the flow filter (every 200 ms here, 10 s in
+    // production) and says so.
+    assert!(
+        wait_for(Duration::from_secs(10), || get("/metrics").is_some_and(
+            |(_, m)| m.lines().any(|l| l
+                .strip_prefix("firewall_flow_filter_rebuilds_total{outcome=\"ok\"} ")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n >= 2))
+                && m.lines()
+                    .any(|l| l.starts_with("firewall_flow_filter_set_ratio "))
+        )),
+        "{}",
+        d.log()
+    );
     assert!(wait_for(Duration::from_secs(10), || get("/readyz")
         .is_some_and(|(s, _)| s == 200)));
     assert_eq!(get("/healthz").unwrap(), (200, "ok\n".to_string()));

@@ -140,6 +140,77 @@ fn a_late_reply_after_the_idle_timeout_drops() {
 }
 
 /// The Internet checksum (RFC 1071).
+#[test]
+fn the_flow_filter_is_rebuilt_from_the_flow_table_and_every_live_flows_reply_survives_it() {
+    firewall_tests::require_kernel!();
+    use firewall_ctl::datapath::flows::FlowFilter;
+    let (p, pins) = setup(86, "");
+    let (a, b) = (p.a4(), p.b4(2));
+    let server =
+        p.b.run(move || UdpSocket::bind(SocketAddr::new(b, 7200)).unwrap());
+    let client = |port: u16| {
+        let c = p.a.run(move || {
+            let c = UdpSocket::bind(SocketAddr::new(a, port)).unwrap();
+            c.connect(SocketAddr::new(b, 7200)).unwrap();
+            c
+        });
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        c
+    };
+    // A request, then the server's answer: does it reach the client?
+    let round = |c: &UdpSocket| {
+        c.send(b"request").unwrap();
+        let mut buf = [0u8; 32];
+        let (_, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(b"reply", from).unwrap();
+        c.recv(&mut buf).is_ok()
+    };
+    let first = client(7201);
+    assert!(round(&first), "a reply before any rebuild");
+    let filter = FlowFilter::open(&pins.path).unwrap();
+    let (set, slots) = filter.fill();
+    assert!(set >= 1 && slots >= 64 * 1024, "{set} of {slots}");
+    let st: serde_json::Value =
+        serde_json::from_str(&fwctl_ok(&p.a, &pins, "status --json")).unwrap();
+    assert_eq!(st["datapath"]["flow_filter_set"], set, "{st}");
+
+    // A rebuild flips the half in force; the flow's byte is in the new one.
+    let half = filter.active_half();
+    let r = filter.rebuild(&pins.path).unwrap();
+    assert_eq!(filter.active_half(), 1 - half);
+    assert!(r.flows >= 1 && r.set >= 1, "{r:?}");
+    assert!(round(&first), "a reply after one rebuild");
+    // A flow recorded now (egress marks both halves) gets its replies in
+    // this half, and both keep them across the next flip.
+    let second = client(7202);
+    assert!(round(&second), "a new flow's reply");
+    filter.rebuild(&pins.path).unwrap();
+    assert_eq!(filter.active_half(), half);
+    assert!(
+        round(&first) && round(&second),
+        "replies after two rebuilds"
+    );
+
+    // Flows that left the table leave the filter at the next rebuild.
+    {
+        let mut flows: aya::maps::HashMap<_, u64, firewall_common::flow::FlowVal> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+                aya::maps::MapData::from_pin(pins.path.join("FLOWS")).unwrap(),
+            ))
+            .unwrap();
+        let keys: Vec<u64> = flows.keys().flatten().collect();
+        for k in keys {
+            flows.remove(&k).unwrap();
+        }
+    }
+    let r = filter.rebuild(&pins.path).unwrap();
+    assert_eq!((r.flows, r.set), (0, 0), "{r:?}");
+    // And the node speaking again records the flow, byte and all.
+    assert!(round(&first), "a reply once the node speaks again");
+    assert!(filter.fill().0 >= 1);
+}
+
 fn checksum(b: &[u8]) -> u16 {
     let mut s: u32 = 0;
     for c in b.chunks(2) {

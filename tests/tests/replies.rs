@@ -225,6 +225,33 @@ fn an_entry_under_a_flows_hash_but_holding_another_flow_matches_nothing() {
 }
 
 #[test]
+fn the_flow_filter_decides_which_packets_look_the_flow_up() {
+    firewall_tests::require_kernel!();
+    let mut h = Harness::new();
+    h.set_generation(3, [0, 0], [0, 0]);
+    let (l, r) = (IpAddr::from(LOCAL4), IpAddr::from(REMOTE4));
+    let key = flow_key(17, l, LPORT, r, 53);
+    let hash = firewall_common::flow::flow_hash(&key, &firewall_tests::TEST_SEED);
+    let reply = udp(r, l, 53, LPORT).build();
+    h.add_flow(key, 0);
+    expect(&h, &reply, Reason::Reply);
+    // Its byte cleared in the half in force: the datapath must take the
+    // flow for absent without looking (this is what spares a drop the
+    // lookup), though FLOWS still holds it.
+    h.unmark_filter(hash);
+    expect(&h, &reply, Reason::DefaultDrop);
+    // The other half still has it (egress marks both): flipping to it, as
+    // a rebuild does, brings the reply back.
+    h.set_control(|c| c.flow_filter_half = 1);
+    expect(&h, &reply, Reason::Reply);
+    h.unmark_filter(hash);
+    expect(&h, &reply, Reason::DefaultDrop);
+    // A filter of size 0 (off): every packet looks its flow up.
+    h.set_control(|c| c.flow_filter_lines = 0);
+    expect(&h, &reply, Reason::Reply);
+}
+
+#[test]
 fn icmp_errors_pass_only_about_live_flows_and_truncated_or_lying_ones_drop() {
     firewall_tests::require_kernel!();
     let h = harness();

@@ -71,7 +71,8 @@ enum Cmd {
         max_peers: Option<u32>,
         /// Capacity of the table of this node's own flows (an LRU: when full, the least
         /// recently used flow goes, and a late reply to it drops); fixed when the pin
-        /// directory is created. Default 65536, about 90 B of kernel memory each.
+        /// directory is created. Default 65536, about 90 B of kernel memory each, and 32 B
+        /// for the filter that lets other packets skip the table.
         #[arg(long, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
         max_flows: Option<u32>,
         /// What to do with a packet the allowlist would drop: `enforce` drops it, `observe`

@@ -30,6 +30,16 @@ pub(super) fn print_status(st: &status::Status) {
         s.flow_timeout_s[2]
     );
     println!(
+        "flow filter {} of {} slots set{}",
+        d.flow_filter_set.map_or("?".into(), |n| n.to_string()),
+        d.flow_filter_slots,
+        match d.flow_filter_set {
+            Some(n) if d.flow_filter_slots > 0 && n * 2 > d.flow_filter_slots =>
+                " (over half: is the controller running? it rebuilds the filter)",
+            _ => "",
+        }
+    );
+    println!(
         "events      {}",
         if s.event_rate == 0 {
             "off".to_string()

@@ -89,6 +89,8 @@ pub struct Metrics {
     attached: Family<IfaceLabels, Gauge>,
     liveness_kept: Family<StateLabels, Gauge>,
     liveness_vetoes: Counter,
+    filter_set: Gauge<f64, std::sync::atomic::AtomicU64>,
+    filter_rebuilds: Family<OutcomeLabels, Counter>,
     /// The interfaces the config names (for `interface_attached`).
     pub interfaces: Vec<String>,
     /// Running totals already counted, so counters advance by differences.
@@ -202,6 +204,16 @@ impl Metrics {
                 "Peers the liveness veto began to keep past their grace",
                 Counter::default()
             ),
+            filter_set: reg!(
+                "flow_filter_set_ratio",
+                "Share of the flow filter's slots set after its last rebuild (near 1, most dropped packets look up the flow table)",
+                Gauge::default()
+            ),
+            filter_rebuilds: reg!(
+                "flow_filter_rebuilds",
+                "Rebuilds of the flow filter from the flow table, by outcome",
+                Family::default()
+            ),
             interfaces: Vec::new(),
             registry: r,
             seen: HashMap::new(),
@@ -296,6 +308,17 @@ impl Metrics {
             &failed,
             s.commit_failures_total,
         );
+    }
+
+    /// One rebuild of the flow filter: its report, or its failure.
+    pub fn observe_filter(&self, report: Option<&crate::datapath::flows::FilterReport>) {
+        let outcome = if report.is_some() { "ok" } else { "failed" };
+        self.filter_rebuilds
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        if let Some(r) = report {
+            self.filter_set.set(r.set as f64 / r.slots.max(1) as f64);
+        }
     }
 
     pub fn observe_commit(&self, seconds: f64) {

@@ -187,6 +187,60 @@ const REPUBLISH_MS: u64 = 5_000;
 
 /// The most additions one audit line lists by address.
 const AUDIT_LIST_MAX: usize = 1_000;
+/// How often the flow filter is rebuilt from the flow table, so the bytes
+/// of flows that left it (idle, evicted) clear. Between rebuilds the filter
+/// only gains bytes; one rebuild walks the table once (about 1 µs a flow).
+const FLOW_FILTER_REBUILD_MS: u64 = 10_000;
+
+/// Rebuild the flow filter every `FLOW_FILTER_REBUILD_MS`, on a blocking
+/// thread (the walk is one syscall per flow). A failure is logged when it
+/// starts and when it ends, and counted; the filter it left is still sound
+/// (see `firewall_common::flow::FilterLine`).
+fn spawn_filter_rebuilds(pin_dir: std::path::PathBuf, shared: metrics::SharedState) {
+    let period_ms = crate::failpoint("flow-filter-rebuild-ms").unwrap_or(FLOW_FILTER_REBUILD_MS);
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(period_ms)).await;
+            let dir = pin_dir.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                crate::datapath::flows::FlowFilter::open(&dir).and_then(|f| f.rebuild(&dir))
+            })
+            .await;
+            let report = match r {
+                Ok(Ok(report)) => {
+                    if failing {
+                        tracing::info!("flow filter rebuilt again");
+                    }
+                    failing = false;
+                    tracing::debug!(
+                        flows = report.flows,
+                        set = report.set,
+                        slots = report.slots,
+                        "flow filter rebuilt"
+                    );
+                    Some(report)
+                }
+                Ok(Err(e)) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "flow filter not rebuilt; dropped packets may look up the flow table more often");
+                    }
+                    failing = true;
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "flow filter rebuild panicked");
+                    None
+                }
+            };
+            shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .metrics
+                .observe_filter(report.as_ref());
+        }
+    });
+}
 
 impl Daemon {
     fn shared_lock(&self) -> std::sync::MutexGuard<'_, metrics::Shared> {
@@ -669,6 +723,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> anyhow::Result
         "adopted the pinned datapath"
     );
 
+    spawn_filter_rebuilds(d.cfg.pin_dir.clone(), d.shared.clone());
     let (mut rx, mut _watchers) = spawn_sources(&d.cfg)?;
     let mut server = match &d.cfg.metrics {
         Some(m) => Some(metrics::serve(m.listen, d.shared.clone()).await?),

@@ -202,7 +202,12 @@ pub fn attach(
         }
     }
     if let Some(n) = opts.max_flows {
-        loader.map_max_entries(names::FLOWS, n);
+        // A new directory's filter is sized with its table (an existing one
+        // keeps its pinned maps, whose capacity was checked above).
+        loader.map_max_entries(names::FLOWS, n).map_max_entries(
+            names::FLOW_FILTER,
+            2 * firewall_common::flow::filter_lines_for(n),
+        );
     }
     let counters = dir.join(names::COUNTERS);
     check_pin(pin_dir, &counters, names::COUNTERS)?;

@@ -128,6 +128,16 @@ impl CtrlMap {
         }
     }
 
+    /// Put filter half `half` in force: one aligned store, after the
+    /// caller's writes to that half (Release).
+    pub(crate) fn set_filter_half(&self, half: u32) {
+        let p = self.map.ptr::<Control>().as_ptr();
+        // SAFETY: an aligned word of the live Control mapping; the datapath
+        // only reads it, and only the daemon's rebuild writes it.
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).flow_filter_half)) }
+            .store(half & 1, Ordering::Release);
+    }
+
     pub(crate) fn read(&self) -> Control {
         // SAFETY: the mapping is live for self's lifetime and holds a Control.
         unsafe { std::ptr::read_volatile(self.map.ptr::<Control>().as_ptr()) }
@@ -161,6 +171,10 @@ impl CtrlMap {
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).checksum), c.checksum);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).hash_seed), c.hash_seed);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).bucket_mask), c.bucket_mask);
+            std::ptr::write_volatile(
+                std::ptr::addr_of_mut!((*p).flow_filter_lines),
+                c.flow_filter_lines,
+            );
         }
     }
 }

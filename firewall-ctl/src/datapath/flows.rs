@@ -1,10 +1,14 @@
 //! The node's own flows (`FLOWS`), as `firewall-ctl flows` lists them.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    net::IpAddr,
+    path::Path,
+    sync::atomic::{AtomicU8, AtomicU64, Ordering},
+};
 
 use aya::maps::{HashMap, Map, MapData};
 use firewall_common::{
-    flow::{FAMILY_V4, FlowVal, timeout_index},
+    flow::{FAMILY_V4, FilterLine, FlowVal, filter_slot, timeout_index},
     names,
 };
 use serde::Serialize;
@@ -105,4 +109,165 @@ pub fn list(pin_dir: &Path) -> Result<Vec<FlowRow>, LayoutError> {
         .collect();
     rows.sort_by(|a, b| a.idle_s.total_cmp(&b.idle_s));
     Ok(rows)
+}
+
+/// The pinned `FLOW_FILTER`, mapped, with the control word that says its
+/// size and which half the datapath reads (the protocol is in
+/// `firewall_common::flow::FilterLine`).
+pub struct FlowFilter {
+    map: crate::sys::Mmap,
+    ctrl: super::ctrl::CtrlMap,
+    lines: u32,
+}
+
+/// What one rebuild found.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FilterReport {
+    /// Keys read from `FLOWS` (a key the walk met twice counts twice).
+    pub flows: u64,
+    /// Bytes set in the half now in force, and the half's size.
+    pub set: u64,
+    pub slots: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(
+        "{path} has {lines} lines per half where the control word says {recorded}: the directory was changed by hand; detach --purge and attach again"
+    )]
+    Size {
+        path: std::path::PathBuf,
+        lines: u64,
+        recorded: u32,
+    },
+    #[error(
+        "the flow table changed faster than it could be read ({walked} keys read, capacity {capacity}): the filter was left as it was"
+    )]
+    Churn { walked: u64, capacity: u32 },
+}
+
+impl FlowFilter {
+    pub fn open(pin_dir: &Path) -> Result<FlowFilter, FilterError> {
+        check_dir(pin_dir)?;
+        let path = pin_dir.join(names::FLOW_FILTER);
+        let data = check_pin(pin_dir, &path, names::FLOW_FILTER)?
+            .ok_or_else(|| LayoutError::NotAttached(pin_dir.into()))?;
+        let ctrl_data = check_pin(pin_dir, &pin_dir.join(names::CTRL), names::CTRL)?
+            .ok_or_else(|| LayoutError::NotAttached(pin_dir.into()))?;
+        let ctrl = super::ctrl::CtrlMap::new(
+            std::os::fd::AsFd::as_fd(ctrl_data.fd()),
+            &pin_dir.join(names::CTRL),
+        )?;
+        let entries = data.info().map(|i| i.max_entries()).unwrap_or(0) as u64;
+        let recorded = ctrl.read().flow_filter_lines;
+        if recorded == 0 || entries != 2 * u64::from(recorded) {
+            return Err(FilterError::Size {
+                path,
+                lines: entries / 2,
+                recorded,
+            });
+        }
+        let map = crate::sys::Mmap::shared(
+            Some(std::os::fd::AsFd::as_fd(data.fd())),
+            entries as usize * size_of::<FilterLine>(),
+        )
+        .map_err(|source| LayoutError::Mmap { path, source })?;
+        Ok(FlowFilter {
+            map,
+            ctrl,
+            lines: recorded,
+        })
+    }
+
+    fn byte(&self, line: u32, byte: usize) -> &AtomicU8 {
+        let i = line as usize * size_of::<FilterLine>() + byte;
+        assert!(line < 2 * self.lines && byte < 64);
+        // SAFETY: `i` is within the mapping (2 * lines lines, checked at
+        // open and above), which lives as long as self; the kernel writes
+        // these bytes too, with single-byte stores.
+        unsafe { AtomicU8::from_ptr(self.map.ptr::<u8>().as_ptr().add(i)) }
+    }
+
+    /// The half the datapath reads.
+    pub fn active_half(&self) -> u32 {
+        self.ctrl.read().flow_filter_half & 1
+    }
+
+    /// Mark `hash` present in both halves, as the egress program does: for
+    /// userspace that writes `FLOWS` itself (tests, the benchmark).
+    pub fn mark(&self, hash: u64) {
+        for half in 0..2 {
+            let (line, byte) = filter_slot(hash, self.lines, half);
+            self.byte(line, byte).store(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes set in the half in force, and its size.
+    pub fn fill(&self) -> (u64, u64) {
+        let half = self.active_half();
+        let slots = u64::from(self.lines) * 64;
+        let base = (half * self.lines) as usize * size_of::<FilterLine>();
+        // SAFETY: one half of the live mapping, read as bytes; concurrent
+        // kernel stores make a count approximate, never unsafe to read
+        // (u8 has no invalid values and volatile reads are not elided).
+        let set = (0..slots as usize)
+            .filter(|i| unsafe {
+                std::ptr::read_volatile(self.map.ptr::<u8>().as_ptr().add(base + i)) != 0
+            })
+            .count() as u64;
+        (set, slots)
+    }
+
+    /// Rebuild the half not in force from the keys `FLOWS` holds now, then
+    /// put it in force: bytes of flows that left the table (idle, evicted)
+    /// clear. Safe beside a running datapath; see FilterLine for why no
+    /// flow's byte can be lost.
+    ///
+    /// The half being rebuilt must not be the one a packet in flight is
+    /// reading: the previous flip must be at least one packet's time ago.
+    /// The daemon rebuilds every few seconds; XDP runs take microseconds.
+    pub fn rebuild(&self, pin_dir: &Path) -> Result<FilterReport, FilterError> {
+        let (flows, capacity) = open(pin_dir)?;
+        let inactive = 1 - self.active_half();
+        let base = (inactive * self.lines) as usize * size_of::<FilterLine>();
+        let words = self.lines as usize * size_of::<FilterLine>() / 8;
+        for w in 0..words {
+            // SAFETY: 8-byte aligned words of the inactive half of the live
+            // mapping (page-aligned, lines of 64 bytes); the kernel writes
+            // single bytes there, which is why the stores are atomic.
+            unsafe {
+                AtomicU64::from_ptr(self.map.ptr::<u8>().as_ptr().add(base).cast::<u64>().add(w))
+                    .store(0, Ordering::Relaxed)
+            };
+        }
+        // Every clear above is done before the walk's first syscall (a full
+        // barrier): a flow whose egress store the clear overwrote was in
+        // FLOWS before the walk began.
+        let mut walked = 0u64;
+        // The kernel restarts a walk whose current key was evicted meanwhile:
+        // repeats, never misses. Bounded, so a table churning faster than it
+        // can be read gives up rather than spin.
+        let limit = 4 * u64::from(capacity.max(1));
+        for key in flows.keys() {
+            let Ok(h) = key else { continue };
+            walked += 1;
+            if walked > limit {
+                return Err(FilterError::Churn { walked, capacity });
+            }
+            let (line, byte) = filter_slot(h, self.lines, inactive);
+            self.byte(line, byte).store(1, Ordering::Relaxed);
+        }
+        // Publish: the byte stores above happen before this store (Release),
+        // and the datapath's read of the half word comes before its byte
+        // load.
+        self.ctrl.set_filter_half(inactive);
+        let (set, slots) = self.fill();
+        Ok(FilterReport {
+            flows: walked,
+            set,
+            slots,
+        })
+    }
 }

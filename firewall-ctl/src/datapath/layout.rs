@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{MapData, MapType};
 use firewall_common::{
     Bucket4, Bucket6, CidrVal, Control, LpmKeyV4, LpmKeyV6, MAX_CIDRS,
-    flow::{EventBucket, FlowVal},
+    flow::{EventBucket, FilterLine, FlowVal},
     names,
 };
 
@@ -61,7 +61,7 @@ const MMAPABLE: u32 = 1 << 10;
 /// Bytes of the `EVENTS` ring buffer (the eBPF crate's size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
-fn shapes() -> [Shape; 11] {
+fn shapes() -> [Shape; 12] {
     use std::mem::size_of as sz;
     let lpm4 = sz::<LpmKeyV4>() as u32;
     let lpm6 = sz::<LpmKeyV6>() as u32;
@@ -129,6 +129,14 @@ fn shapes() -> [Shape; 11] {
             key: sz::<u64>() as u32,
             value: sz::<FlowVal>() as u32,
             flags: 0,
+            max_entries: None,
+        },
+        Shape {
+            name: names::FLOW_FILTER,
+            kind: MapType::Array,
+            key: 4,
+            value: sz::<FilterLine>() as u32,
+            flags: MMAPABLE,
             max_entries: None,
         },
         Shape {

@@ -32,6 +32,11 @@ pub struct SharedStatus {
     /// Flows in the table now (live or idle past their timeout), and its size.
     pub flows: Option<u64>,
     pub max_flows: u32,
+    /// Slots set in the flow filter's half in force, and its size: a packet
+    /// whose slot is clear skips the flow table. The controller rebuilds it
+    /// every 10 s; without one it only fills.
+    pub flow_filter_set: Option<u64>,
+    pub flow_filter_slots: u64,
     pub committed_generation: u64,
     pub staged_generation: u64,
     pub peer_count: u64,
@@ -251,12 +256,21 @@ pub fn status(pin_dir: &Path) -> Result<Status, crate::datapath::layout::LayoutE
         })
         .collect();
     let (flows, max_flows) = super::flows::count(pin_dir);
+    let (flow_filter_set, flow_filter_slots) = match super::flows::FlowFilter::open(pin_dir) {
+        Ok(f) => {
+            let (set, slots) = f.fill();
+            (Some(set), slots)
+        }
+        Err(_) => (None, 0),
+    };
     Ok(Status {
         pin_dir: pin_dir.into(),
         datapath: SharedStatus {
             settings: store.settings(),
             flows,
             max_flows,
+            flow_filter_set,
+            flow_filter_slots,
             committed_generation: c.committed_gen,
             staged_generation: c.staged_gen,
             peer_count: c.peer_count[live],

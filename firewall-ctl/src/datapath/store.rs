@@ -96,6 +96,10 @@ impl KernelStore {
         let v4 = get(names::PEERS_V4)?;
         let v6 = get(names::PEERS_V6)?;
         let buckets = [&v4, &v6].map(|m| m.info().map(|i| i.max_entries()).unwrap_or(0));
+        let filter_entries = get(names::FLOW_FILTER)?
+            .info()
+            .map(|i| i.max_entries())
+            .unwrap_or(0);
         if c.magic == 0 {
             // A fresh pin directory: draw the hash seeds and record the table
             // sizes. The magic goes last, so a crash here just repeats this.
@@ -106,6 +110,9 @@ impl KernelStore {
             ctrl.update(|c| {
                 c.hash_seed = seed;
                 c.bucket_mask = buckets.map(|b| b.wrapping_sub(1));
+                // Before the egress program is attached (attach opens the
+                // store first), so no flow is recorded without its byte.
+                c.flow_filter_lines = filter_entries / 2;
             });
             ctrl.set_settings(&Settings::default());
             ctrl.update(|c| {
@@ -128,6 +135,18 @@ impl KernelStore {
                     version: env!("CARGO_PKG_VERSION"),
                 });
             }
+        }
+        if !c.flow_filter_lines.is_power_of_two() || filter_entries != 2 * c.flow_filter_lines {
+            return Err(LayoutError::Mismatch {
+                path: dir.join(names::FLOW_FILTER),
+                dir: dir.into(),
+                found: format!(
+                    "a flow filter of {filter_entries} lines where the control word says 2 x {}",
+                    c.flow_filter_lines
+                ),
+                expected: "the size recorded when the directory was created".into(),
+                version: env!("CARGO_PKG_VERSION"),
+            });
         }
         let mmap_err = |name: &'static str| {
             let path = dir.join(name);
