@@ -3,10 +3,10 @@
 //! them in the same object and the same run as `firewall`.
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{TC_ACT_OK, xdp_action},
     btf_maps::HashMap,
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use network_types::eth::EthHdr;
 
@@ -59,4 +59,12 @@ pub fn lookup_floor6(ctx: XdpContext) -> u32 {
     } else {
         xdp_action::XDP_DROP
     }
+}
+
+/// The egress benchmark's floor: the cheapest TC program, run the same way
+/// as `egress` (both unattached: a socket-buffer test run calls either
+/// through the same indirect call, with no dispatcher).
+#[classifier]
+pub fn tc_floor(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }

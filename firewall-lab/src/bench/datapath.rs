@@ -26,7 +26,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     EbpfLoader, TestRunOptions,
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
-    programs::{TestRun as _, Xdp},
+    programs::{SchedClassifier, TestRun as _, Xdp},
 };
 use firewall_common::{
     CidrVal, Control, GEN_NEVER, PeerVal,
@@ -147,6 +147,10 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
         .load(firewall_tests::BENCH_OBJ)?;
     for name in ["firewall", "pass_floor", "lookup_floor", "lookup_floor6"] {
         let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into()?;
+        p.load()?;
+    }
+    for name in ["egress", "tc_floor"] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into()?;
         p.load()?;
     }
     // After loading: the programs hold the maps, so the tables can be taken out.
@@ -502,9 +506,103 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
         met += usize::from(*ok);
     }
     println!("\n{met} of {} goals met", goals.len());
+    bench_egress(&mut ebpf, &set_ctrl, (local4, reply4), (local6, reply6))?;
     drop(xf_prog);
     drop(xf);
     drop(ns);
+    Ok(())
+}
+
+/// What the TC egress program costs each packet the node sends, for a flow
+/// it already records (the steady state of a busy connection: a lookup,
+/// and a refresh at most once a second), against a TC floor. A new flow's
+/// insert is paid once per flow and is not in this table: a test run
+/// repeats one packet, so only its first run inserts.
+fn bench_egress(
+    ebpf: &mut aya::Ebpf,
+    set_ctrl: &dyn Fn(&mut aya::Ebpf, Setting) -> anyhow::Result<()>,
+    v4: (Ipv4Addr, Ipv4Addr),
+    v6: (Ipv6Addr, Ipv6Addr),
+) -> anyhow::Result<()> {
+    let out_frame = |l: IpAddr, r: IpAddr| {
+        Frame::new(
+            l,
+            r,
+            firewall_tests::packet::L4::Udp {
+                sport: 40000,
+                dport: 53,
+            },
+        )
+        .build()
+    };
+    let frames = [
+        ("v4 out", out_frame(v4.0.into(), v4.1.into())),
+        ("v6 out", out_frame(v6.0.into(), v6.1.into())),
+    ];
+    let time = |ebpf: &aya::Ebpf, name: &str, pkt: &[u8]| -> anyhow::Result<f64> {
+        let p: &SchedClassifier = ebpf.program(name).unwrap().try_into()?;
+        let mut out = vec![0u8; 2048];
+        let t = Instant::now();
+        p.test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: REPEAT,
+            ..Default::default()
+        })?;
+        Ok(t.elapsed().as_nanos() as f64 / REPEAT as f64)
+    };
+    // (frame, 0 = floor, 1 = egress with replies off, 2 = egress recording)
+    let cells: Vec<(usize, u8)> = (0..frames.len())
+        .flat_map(|f| [(f, 0), (f, 1), (f, 2)])
+        .collect();
+    let mut best: BTreeMap<(usize, u8), f64> = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let order: Vec<&(usize, u8)> = if round % 2 == 0 {
+            cells.iter().collect()
+        } else {
+            cells.iter().rev().collect()
+        };
+        for &&(fi, which) in &order {
+            let pkt = &frames[fi].1;
+            let ns = match which {
+                0 => time(ebpf, "tc_floor", pkt)?,
+                _ => {
+                    set_ctrl(
+                        ebpf,
+                        if which == 1 {
+                            PURE
+                        } else {
+                            Setting {
+                                replies: true,
+                                ..PURE
+                            }
+                        },
+                    )?;
+                    time(ebpf, "egress", pkt)?
+                }
+            };
+            let b = best.entry((fi, which)).or_insert(f64::MAX);
+            *b = b.min(ns);
+        }
+    }
+    println!(
+        "\nTC egress, per packet the node sends (socket-buffer test runs, both programs unattached, same method)"
+    );
+    println!(
+        "{:<9} {:>9} {:>12} {:>10} {:>14}",
+        "frame", "tc floor", "replies off", "recording", "recording-fl"
+    );
+    for (fi, (name, _)) in frames.iter().enumerate() {
+        let g = |w: u8| best[&(fi, w)];
+        println!(
+            "{:<9} {:>9.2} {:>12.2} {:>10.2} {:>14.2}",
+            name,
+            g(0),
+            g(1),
+            g(2),
+            g(2) - g(0)
+        );
+    }
     Ok(())
 }
 
