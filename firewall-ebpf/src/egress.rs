@@ -3,19 +3,19 @@
 //! the common IPv6 extension headers) in `FLOWS`, so the XDP program can pass
 //! its replies. It never drops or changes a packet.
 //!
-//! It reads through `bpf_skb_load_bytes` (`TcContext::load`), which copes
-//! with non-linear socket buffers, rather than direct packet access.
+//! It reads headers straight from the socket buffer's linear part, where
+//! the stack builds the headers it sends, and falls back to
+//! `bpf_skb_load_bytes` (`TcContext::load`), which copes with paged data,
+//! for any header that is not there (see `load`).
 
-use aya_ebpf::{
-    bindings::TC_ACT_OK, helpers::bpf_ktime_get_coarse_ns, macros::classifier, programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use firewall_common::flow::{
     FAMILY_V4, FAMILY_V6, FLOW_REFRESH_NS, FlowKey, FlowVal, filter_slot, flow_hash,
 };
 
 use super::{
-    CTRL, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FLOW_FILTER, FLOWS, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    CTRL, EGRESS_CLOCK, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FLOW_FILTER, FLOWS,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 #[classifier]
@@ -26,7 +26,24 @@ pub fn egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn be16_at(ctx: &TcContext, off: usize) -> Option<u16> {
-    ctx.load::<[u8; 2]>(off).ok().map(u16::from_be_bytes)
+    load::<[u8; 2]>(ctx, off).map(u16::from_be_bytes)
+}
+
+/// `size_of::<T>()` bytes at `off`: straight from the packet when they are
+/// in the socket buffer's linear part (the stack builds the headers it
+/// sends there), else through `bpf_skb_load_bytes`, which copes with
+/// paged data. The helper is a call and a copy: three or more of them per
+/// packet were most of what recording cost (`cargo xtask bench datapath`).
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bytes lie within the linear data, just checked; T is
+        // a byte array, valid for any bits, read unaligned.
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    } else {
+        ctx.load::<T>(off).ok()
+    }
 }
 
 #[inline(always)]
@@ -47,7 +64,7 @@ fn record(ctx: &TcContext) -> Option<()> {
     }
     let mut k = FlowKey::default();
     let (proto, l4, icmp, echo_request) = if ethertype == ETH_P_IP {
-        let h = ctx.load::<[u8; 20]>(off).ok()?;
+        let h = load::<[u8; 20]>(ctx, off)?;
         let ihl = ((h[0] & 0xf) as usize) * 4;
         // Later fragments carry no ports: the first fragment recorded the flow.
         if h[0] >> 4 != 4 || ihl < 20 || u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
@@ -58,7 +75,7 @@ fn record(ctx: &TcContext) -> Option<()> {
         k.remote[..4].copy_from_slice(&h[16..20]);
         (h[9], off + ihl, IPPROTO_ICMP, 8u8)
     } else if ethertype == ETH_P_IPV6 {
-        let h = ctx.load::<[u8; 40]>(off).ok()?;
+        let h = load::<[u8; 40]>(ctx, off)?;
         if h[0] >> 4 != 6 {
             return None;
         }
@@ -70,7 +87,7 @@ fn record(ctx: &TcContext) -> Option<()> {
         for _ in 0..4 {
             match next {
                 44 => {
-                    let f = ctx.load::<[u8; 4]>(l4).ok()?;
+                    let f = load::<[u8; 4]>(ctx, l4)?;
                     if u16::from_be_bytes([f[2], f[3]]) >> 3 != 0 {
                         return None;
                     }
@@ -78,7 +95,7 @@ fn record(ctx: &TcContext) -> Option<()> {
                     l4 += 8;
                 }
                 0 | 43 | 60 | 51 => {
-                    let e = ctx.load::<[u8; 2]>(l4).ok()?;
+                    let e = load::<[u8; 2]>(ctx, l4)?;
                     l4 += if next == 51 {
                         (e[1] as usize + 2) * 4
                     } else {
@@ -95,11 +112,11 @@ fn record(ctx: &TcContext) -> Option<()> {
     };
     k.proto = proto;
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-        let p = ctx.load::<[u8; 4]>(l4).ok()?;
+        let p = load::<[u8; 4]>(ctx, l4)?;
         k.local_port = u16::from_be_bytes([p[0], p[1]]);
         k.remote_port = u16::from_be_bytes([p[2], p[3]]);
     } else if proto == icmp {
-        let p = ctx.load::<[u8; 8]>(l4).ok()?;
+        let p = load::<[u8; 8]>(ctx, l4)?;
         if p[0] != echo_request {
             return None;
         }
@@ -107,9 +124,12 @@ fn record(ctx: &TcContext) -> Option<()> {
     } else {
         return None;
     }
-    // The same coarse clock the reply rule reads (see reply::live).
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The same coarse clock the reply rule reads, cached per tick the same
+    // way (see clock.rs).
+    let clock = EGRESS_CLOCK.get_ptr_mut(0)?;
+    // SAFETY: this CPU's value, valid for the program run; per-CPU, so no
+    // other program run touches it meanwhile.
+    let now = unsafe { (*clock).now_ns() };
     let h = flow_hash(&k, &ctrl.hash_seed);
     if let Some(v) = FLOWS.get_ptr_mut(h) {
         // SAFETY: a pointer to this hash's value, valid for the program run;

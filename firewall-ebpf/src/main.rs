@@ -17,6 +17,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod egress;
 mod events;
 mod reply;
@@ -99,6 +100,10 @@ static FLOW_FILTER: Array<
 // Where classify left off for a packet it would drop (see reply::remember).
 #[btf_map]
 static PARSED: PerCpuArray<reply::Parsed, 1> = PerCpuArray::new();
+// The egress program's per-CPU reading of the coarse clock (see clock.rs;
+// the reply rule keeps its own in PARSED).
+#[btf_map]
+static EGRESS_CLOCK: PerCpuArray<clock::Clock, 1> = PerCpuArray::new();
 // Drop events for `firewall-ctl monitor`: 1 MiB holds about 6,000 of them.
 #[btf_map]
 static EVENTS: RingBuf<DropEvent, { 1 << 20 }> = RingBuf::new();

@@ -3,10 +3,7 @@
 //! Runs only on the would-drop path, so peers and the overlay never pay for
 //! it. `firewall_common::classify` states the same rule over a byte slice.
 
-use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
-    programs::XdpContext,
-};
+use aya_ebpf::programs::XdpContext;
 use firewall_common::{
     Control,
     flow::{FAMILY_V4, FAMILY_V6, FlowKey, filter_slot, flow_hash, timeout_index},
@@ -15,7 +12,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use super::{
     CTRL, FLOW_FILTER, FLOWS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PARSED, be16,
-    ptr_at,
+    clock::Clock, ptr_at,
 };
 
 /// What classify learned of a packet it is about to drop: where its IP and
@@ -33,10 +30,8 @@ pub(super) struct Parsed {
     /// never taken for this one's.
     len: u32,
     _pad: u32,
-    /// This CPU's last reading of the coarse clock, and the jiffies count
-    /// it was taken at (see `now_ns`).
-    clock_jiffies: u64,
-    clock_ns: u64,
+    /// This CPU's last reading of the coarse clock.
+    clock: Clock,
 }
 
 #[inline(always)]
@@ -95,27 +90,6 @@ pub(super) fn check(ctx: &XdpContext) -> bool {
     }
 }
 
-/// CLOCK_MONOTONIC_COARSE, read at most once per tick per CPU.
-///
-/// The coarse clock (one tick of resolution) is a memory read where
-/// bpf_ktime_get_ns reads the TSC (25 ns per packet on the benchmark VM),
-/// but it is still a helper call: 14 ns a reply on the benchmark VM, with
-/// its return thunk. It only moves when the tick does, and `bpf_jiffies64`
-/// is one load (the verifier inlines it), so a reading is reused until
-/// jiffies moves on. Timeouts are in seconds; a reading is at most one tick
-/// old.
-#[inline(always)]
-fn now_ns(p: &mut Parsed) -> u64 {
-    // SAFETY: bpf_jiffies64 has no preconditions.
-    let j = unsafe { bpf_jiffies64() };
-    if j != p.clock_jiffies || p.clock_ns == 0 {
-        p.clock_jiffies = j;
-        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-        p.clock_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    }
-    p.clock_ns
-}
-
 /// Is `key` recorded and not idle past its protocol's timeout?
 #[inline(always)]
 fn live(ctrl: &Control, rec: &mut Parsed, key: &FlowKey) -> bool {
@@ -152,7 +126,7 @@ fn live(ctrl: &Control, rec: &mut Parsed, key: &FlowKey) -> bool {
     // run; the egress program may store a newer time concurrently (an aligned
     // 8-byte store), which a volatile read sees whole.
     let last = unsafe { core::ptr::read_volatile(&(*v).last_seen_ns) };
-    let now = now_ns(rec);
+    let now = rec.clock.now_ns();
     // A flow refreshed after `now` was read is live.
     now <= last || now - last <= ctrl.flow_timeout_ns[timeout_index(key.proto)]
 }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use aya::{
     Ebpf, EbpfLoader, TestRunOptions,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{TestRun as _, Xdp},
+    programs::{SchedClassifier, TestRun as _, Xdp},
 };
 use firewall_common::{
     CidrVal, Control, Counters, PeerVal, Reason,
@@ -159,6 +159,37 @@ impl Harness {
         let mut l = m.get(&line, 0).unwrap();
         l.bytes[byte] = 0;
         m.set(line, l, 0).unwrap();
+    }
+    /// Run the TC egress program on `frame`, as if the node sent it
+    /// (loaded on first use). Returns its verdict.
+    pub fn egress(&mut self, frame: &[u8]) -> i32 {
+        let p: &mut SchedClassifier = self.ebpf.program_mut("egress").unwrap().try_into().unwrap();
+        if p.fd().is_err() {
+            p.load().expect("verifier accepts the egress program");
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        p.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("test run")
+        .return_value as i32
+    }
+    /// Every (table key, value) in FLOWS.
+    pub fn flows(&self) -> Vec<(u64, FlowVal)> {
+        let m: HashMap<_, u64, FlowVal> = self.ebpf.map("FLOWS").unwrap().try_into().unwrap();
+        m.iter().map(|r| r.unwrap()).collect()
+    }
+    /// Is `hash`'s byte set in both halves of FLOW_FILTER?
+    pub fn filter_marked(&self, hash: u64) -> bool {
+        let m: Array<_, firewall_common::flow::FilterLine> =
+            self.ebpf.map("FLOW_FILTER").unwrap().try_into().unwrap();
+        (0..2).all(|half| {
+            let (line, byte) = firewall_common::flow::filter_slot(hash, TEST_FILTER_LINES, half);
+            m.get(&line, 0).unwrap().bytes[byte] != 0
+        })
     }
     pub fn add_exact(&mut self, addr: IpAddr, added: u64, removed: u64) {
         let v = PeerVal {

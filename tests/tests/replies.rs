@@ -252,6 +252,85 @@ fn the_flow_filter_decides_which_packets_look_the_flow_up() {
 }
 
 #[test]
+fn egress_records_what_the_node_starts_through_tags_and_extension_headers_and_nothing_else() {
+    firewall_tests::require_kernel!();
+    let mut h = Harness::new();
+    h.set_generation(3, [0, 0], [0, 0]);
+    let (l4, r4, l6, r6) = (
+        IpAddr::from(LOCAL4),
+        IpAddr::from(REMOTE4),
+        IpAddr::from(local6()),
+        IpAddr::from(remote6()),
+    );
+    let chain = [Ext::HopByHop(0), Ext::DestOpts(1), Ext::Routing(0)];
+    let with_chain = |f: Frame| chain.iter().cloned().fold(f, |f, e| f.ext(e));
+    // (what the node sends, the flow it must record)
+    let recorded = [
+        (udp(l4, r4, 41000, 53), flow_key(17, l4, 41000, r4, 53)),
+        (
+            Frame::new(
+                l4,
+                r4,
+                L4::Tcp {
+                    sport: 41001,
+                    dport: 443,
+                },
+            )
+            .vlan(0x8100, 10),
+            flow_key(6, l4, 41001, r4, 443),
+        ),
+        (
+            udp(l6, r6, 41002, 123).vlan(0x88a8, 100).vlan(0x8100, 10),
+            flow_key(17, l6, 41002, r6, 123),
+        ),
+        (
+            with_chain(udp(l6, r6, 41003, 53)),
+            flow_key(17, l6, 41003, r6, 53),
+        ),
+        (echo(l4, r4, 8, 0x4242), flow_key(1, l4, 0x4242, r4, 0)),
+        (echo(l6, r6, 128, 0x4343), flow_key(58, l6, 0x4343, r6, 0)),
+    ];
+    for (frame, key) in &recorded {
+        assert_eq!(
+            h.egress(&frame.build()),
+            0,
+            "egress never drops (TC_ACT_OK)"
+        );
+        let hash = firewall_common::flow::flow_hash(key, &firewall_tests::TEST_SEED);
+        let flows = h.flows();
+        assert!(
+            flows.iter().any(|(k, v)| *k == hash && v.key == *key),
+            "{key:?} recorded from {frame:?}: {flows:?}"
+        );
+        assert!(h.filter_marked(hash), "{key:?}'s filter byte");
+    }
+    let n = h.flows().len();
+    assert_eq!(n, recorded.len());
+    // Not flows: an echo reply, ICMP that is not echo, another protocol, a
+    // later fragment (no ports), three tags.
+    for frame in [
+        echo(l4, r4, 0, 0x4444),
+        echo(l6, r6, 129, 0x4444),
+        Frame::new(l4, r4, L4::Other(47)),
+        udp(l6, r6, 41004, 53).ext(Ext::Fragment {
+            offset: 100,
+            more: false,
+        }),
+        udp(l4, r4, 41005, 53)
+            .vlan(0x88a8, 1)
+            .vlan(0x8100, 2)
+            .vlan(0x8100, 3),
+    ] {
+        assert_eq!(h.egress(&frame.build()), 0);
+        assert_eq!(h.flows().len(), n, "nothing recorded for {frame:?}");
+    }
+    // Replies off: nothing is recorded.
+    h.set_control(|c| c.replies = 0);
+    h.egress(&udp(l4, r4, 41006, 53).build());
+    assert_eq!(h.flows().len(), n);
+}
+
+#[test]
 fn icmp_errors_pass_only_about_live_flows_and_truncated_or_lying_ones_drop() {
     firewall_tests::require_kernel!();
     let h = harness();
