@@ -200,13 +200,17 @@ fn spawn_filter_rebuilds(pin_dir: std::path::PathBuf, shared: metrics::SharedSta
     let period_ms = crate::failpoint("flow-filter-rebuild-ms").unwrap_or(FLOW_FILTER_REBUILD_MS);
     tokio::spawn(async move {
         let mut failing = false;
+        let mut wait_ms = period_ms;
         loop {
-            tokio::time::sleep(Duration::from_millis(period_ms)).await;
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
             let dir = pin_dir.clone();
+            let t0 = std::time::Instant::now();
             let r = tokio::task::spawn_blocking(move || {
                 crate::datapath::flows::FlowFilter::open(&dir).and_then(|f| f.rebuild(&dir))
             })
             .await;
+            // At most a tenth of a core, however large the table.
+            wait_ms = period_ms.max(10 * t0.elapsed().as_millis() as u64);
             let report = match r {
                 Ok(Ok(report)) => {
                     if failing {

@@ -106,6 +106,22 @@ pub fn dump<K: Pod + Default, V: Pod + Default>(
     limit: usize,
 ) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    for_each(map, limit, |k: &K, v: &V| out.push((*k, *v)))?;
+    Ok(out)
+}
+
+/// Call `f` on every entry of a hash or LPM map, a chunk at a time, so a
+/// large map is walked without holding it all; at most `limit` entries
+/// (more is an error, returned after `f` saw the first `limit` or so).
+///
+/// A hash map is walked bucket by bucket: an entry present for the whole
+/// walk is seen; one added or removed meanwhile may or may not be.
+pub fn for_each<K: Pod + Default, V: Pod + Default>(
+    map: BorrowedFd<'_>,
+    limit: usize,
+    mut f: impl FnMut(&K, &V),
+) -> io::Result<usize> {
+    let mut seen = 0usize;
     let mut keys = vec![K::default(); CHUNK];
     let mut vals = vec![V::default(); CHUNK];
     // Opaque cursor: a u32 bucket for hash maps, a whole key for the generic
@@ -124,16 +140,19 @@ pub fn dump<K: Pod + Default, V: Pod + Default>(
         };
         first = false;
         let res = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut a);
-        let n = a.count as usize; // valid even with ENOENT (the last chunk)
-        out.extend(keys[..n].iter().copied().zip(vals[..n].iter().copied()));
-        if out.len() > limit {
+        let n = (a.count as usize).min(CHUNK); // valid even with ENOENT (the last chunk)
+        for (k, v) in keys[..n].iter().zip(&vals[..n]) {
+            f(k, v);
+        }
+        seen += n;
+        if seen > limit {
             return Err(io::Error::other(format!(
                 "map holds more than {limit} entries"
             )));
         }
         match res {
             Ok(()) => continue,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(seen),
             Err(e) => return Err(e),
         }
     }

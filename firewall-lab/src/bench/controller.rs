@@ -378,5 +378,80 @@ pub(crate) fn bench_controller() -> anyhow::Result<()> {
         let _ = firewall_ctl::datapath::attach::detach("xca", &dir, true);
         let _ = firewall_ctl::datapath::attach::detach("xfa", &fdir, true);
     });
+    bench_filter_rebuild(&ns)?;
+    Ok(())
+}
+
+/// The daemon's flow filter rebuild (every 10 s) on a full flow table, the
+/// batch walk it uses against a walk of one syscall per key (what aya's
+/// `keys()` does) over the same table, same run.
+fn bench_filter_rebuild(ns: &Ns) -> anyhow::Result<()> {
+    use firewall_common::flow::{FlowKey, FlowVal};
+    use firewall_ctl::datapath::flows::FlowFilter;
+    use std::time::Instant;
+    println!("\nflow filter rebuild (the daemon's, every 10 s), full tables, best of 3");
+    println!(
+        "{:<16} {:>14} {:>22} {:>8}",
+        "flows", "rebuild (ms)", "key-at-a-time walk (ms)", "ratio"
+    );
+    for (i, n) in [65_536u32, 1 << 20].into_iter().enumerate() {
+        let pins = PinDir::new();
+        let p = pins.path.clone();
+        let iface = format!("xr{i}a");
+        ns.sh_ok(&format!(
+            "ip link add {iface} type veth peer name xr{i}b && ip link set {iface} up"
+        ));
+        let a = iface.clone();
+        ns.run(move || -> anyhow::Result<()> {
+            let opts = firewall_ctl::datapath::attach::AttachOptions {
+                max_flows: Some(n),
+                ..Default::default()
+            };
+            firewall_ctl::datapath::attach::attach(&a, &p, &opts)?;
+            Ok(())
+        })?;
+        let data = aya::maps::MapData::from_pin(pins.path.join("FLOWS"))?;
+        let keys: Vec<u64> = (0..u64::from(n))
+            .map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        let vals = vec![
+            FlowVal {
+                key: FlowKey::default(),
+                first_seen_ns: 1,
+                last_seen_ns: 1,
+            };
+            keys.len()
+        ];
+        firewall_ctl::sys::batch::update(std::os::fd::AsFd::as_fd(data.fd()), &keys, &vals)
+            .map_err(|(_, e)| e)?;
+        let flows: aya::maps::HashMap<_, u64, FlowVal> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+        let filter = FlowFilter::open(&pins.path)?;
+        let (mut rebuild, mut walk) = (f64::MAX, f64::MAX);
+        let mut report = None;
+        for _ in 0..3 {
+            let t = Instant::now();
+            report = Some(filter.rebuild(&pins.path)?);
+            rebuild = rebuild.min(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let seen = flows.keys().flatten().count();
+            walk = walk.min(t.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(seen == n as usize, "{seen} of {n} keys walked");
+        }
+        let r = report.expect("three rounds");
+        anyhow::ensure!(r.flows == u64::from(n), "rebuild read {} of {n}", r.flows);
+        println!(
+            "{:<16} {:>14.1} {:>22.1} {:>8.2}   (filter {:.1}% set)",
+            n,
+            rebuild,
+            walk,
+            walk / rebuild,
+            100.0 * r.set as f64 / r.slots as f64
+        );
+        let p = pins.path.clone();
+        ns.run(move || {
+            let _ = firewall_ctl::datapath::attach::detach(&iface, &p, true);
+        });
+    }
     Ok(())
 }
