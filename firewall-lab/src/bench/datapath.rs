@@ -26,7 +26,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     EbpfLoader, TestRunOptions,
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun as _, Xdp},
+    programs::{SchedClassifier, Xdp},
 };
 use firewall_common::{
     CidrVal, Control, GEN_NEVER, PeerVal,
@@ -37,8 +37,16 @@ use firewall_tests::{Ns, PinDir, flow_key, kernel_available, monotonic_ns, packe
 const REPEAT: u32 = 200_000;
 const ROUNDS: usize = 41;
 
+/// A UDP frame from `src:sport` to `dst:dport`.
+fn udp_frame(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    Frame::new(src, dst, firewall_tests::packet::L4::Udp { sport, dport }).build()
+}
+
 /// One run of `REPEAT` packets, timed from outside: ns per packet.
-fn wall_ns_per_pkt(prog: &Xdp, pkt: &[u8], out: &mut [u8]) -> anyhow::Result<f64> {
+fn wall_ns_per_pkt<P>(prog: &P, pkt: &[u8], out: &mut [u8]) -> anyhow::Result<f64>
+where
+    P: for<'a> aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>>,
+{
     let t = Instant::now();
     prog.test_run(TestRunOptions {
         data_in: Some(pkt),
@@ -308,17 +316,7 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
     // Frames, and which cells each is measured in.
     let udp4 = |s: Ipv4Addr| Frame::udp4(s, 53).build();
     let udp6 = |s: Ipv6Addr| Frame::udp6(s, 53).build();
-    let reply = |s: IpAddr, d: IpAddr| {
-        Frame::new(
-            s,
-            d,
-            firewall_tests::packet::L4::Udp {
-                sport: 53,
-                dport: 40000,
-            },
-        )
-        .build()
-    };
+    let reply = |s: IpAddr, d: IpAddr| udp_frame(s, 53, d, 40000);
     let frames: Vec<(&str, Vec<u8>, bool)> = vec![
         ("v4 hit", udp4(hit4), false),
         ("v4 miss", udp4(miss4), false),
@@ -524,32 +522,15 @@ fn bench_egress(
     v4: (Ipv4Addr, Ipv4Addr),
     v6: (Ipv6Addr, Ipv6Addr),
 ) -> anyhow::Result<()> {
-    let out_frame = |l: IpAddr, r: IpAddr| {
-        Frame::new(
-            l,
-            r,
-            firewall_tests::packet::L4::Udp {
-                sport: 40000,
-                dport: 53,
-            },
-        )
-        .build()
-    };
+    let out_frame = |l: IpAddr, r: IpAddr| udp_frame(l, 40000, r, 53);
     let frames = [
         ("v4 out", out_frame(v4.0.into(), v4.1.into())),
         ("v6 out", out_frame(v6.0.into(), v6.1.into())),
     ];
-    let time = |ebpf: &aya::Ebpf, name: &str, pkt: &[u8]| -> anyhow::Result<f64> {
+    let mut out = vec![0u8; 2048];
+    let mut time = |ebpf: &aya::Ebpf, name: &str, pkt: &[u8]| -> anyhow::Result<f64> {
         let p: &SchedClassifier = ebpf.program(name).unwrap().try_into()?;
-        let mut out = vec![0u8; 2048];
-        let t = Instant::now();
-        p.test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            repeat: REPEAT,
-            ..Default::default()
-        })?;
-        Ok(t.elapsed().as_nanos() as f64 / REPEAT as f64)
+        wall_ns_per_pkt(p, pkt, &mut out)
     };
     // (frame, 0 = floor, 1 = egress with replies off, 2 = egress recording)
     let cells: Vec<(usize, u8)> = (0..frames.len())
