@@ -88,7 +88,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 /// halves:
 /// - the egress program, on recording a new flow, sets the flow's byte in
 ///   both halves, after the `FLOWS` insert and before the packet leaves (so
-///   before any reply can arrive);
+///   before any reply can arrive), and again with each refresh of a flow in
+///   use (at most once a second);
 /// - the XDP program reads the half `Control::flow_filter_half` names;
 /// - the controller clears the other half, then sets the byte of every key
 ///   `FLOWS` holds, and flips `flow_filter_half` to it. A flow recorded

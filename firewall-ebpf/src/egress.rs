@@ -38,8 +38,8 @@ fn be16_at(ctx: &TcContext, off: usize) -> Option<u16> {
 fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     let start = ctx.data();
     if start + off + core::mem::size_of::<T>() <= ctx.data_end() {
-        // SAFETY: the bytes lie within the linear data, just checked; T is
-        // a byte array, valid for any bits, read unaligned.
+        // SAFETY: the bytes lie within the linear data, just checked; every
+        // caller reads a byte array, valid for any bits, read unaligned.
         Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
     } else {
         ctx.load::<T>(off).ok()
@@ -139,10 +139,14 @@ fn record(ctx: &TcContext) -> Option<()> {
             // Refreshed at most once per FLOW_REFRESH_NS, so a busy flow
             // does not write a shared cache line on every packet.
             // SAFETY: as above.
-            unsafe {
-                if now.wrapping_sub((*v).last_seen_ns) >= FLOW_REFRESH_NS {
-                    core::ptr::write_volatile(&mut (*v).last_seen_ns, now);
-                }
+            let stale = unsafe { now.wrapping_sub((*v).last_seen_ns) >= FLOW_REFRESH_NS };
+            if stale {
+                // SAFETY: as above.
+                unsafe { core::ptr::write_volatile(&mut (*v).last_seen_ns, now) };
+                // The filter bytes again, with the refresh: nothing should
+                // ever have cleared them, but if anything did, a flow that
+                // is in use gets them back within a second.
+                mark(h, ctrl.flow_filter_lines);
             }
             return Some(());
         }

@@ -324,6 +324,15 @@ fn egress_records_what_the_node_starts_through_tags_and_extension_headers_and_no
         assert_eq!(h.egress(&frame.build()), 0);
         assert_eq!(h.flows().len(), n, "nothing recorded for {frame:?}");
     }
+    // A flow in use gets its filter bytes back with its next refresh (at
+    // most a second apart), should anything have cleared them.
+    let (frame, key) = &recorded[0];
+    let hash = firewall_common::flow::flow_hash(key, &firewall_tests::TEST_SEED);
+    h.add_flow_at(hash, *key, 2_000_000_000);
+    h.unmark_filter(hash);
+    assert!(!h.filter_marked(hash));
+    h.egress(&frame.build());
+    assert!(h.filter_marked(hash), "re-marked with the refresh");
     // Replies off: nothing is recorded.
     h.set_control(|c| c.replies = 0);
     h.egress(&udp(l4, r4, 41006, 53).build());
