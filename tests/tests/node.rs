@@ -177,7 +177,7 @@ fn the_flow_filter_is_rebuilt_from_the_flow_table_and_every_live_flows_reply_sur
 
     // A rebuild flips the half in force; the flow's byte is in the new one.
     let half = filter.active_half();
-    let r = filter.rebuild(&pins.path).unwrap();
+    let r = filter.rebuild().unwrap();
     assert_eq!(filter.active_half(), 1 - half);
     assert!(r.flows >= 1 && r.set >= 1, "{r:?}");
     assert!(round(&first), "a reply after one rebuild");
@@ -185,7 +185,7 @@ fn the_flow_filter_is_rebuilt_from_the_flow_table_and_every_live_flows_reply_sur
     // this half, and both keep them across the next flip.
     let second = client(7202);
     assert!(round(&second), "a new flow's reply");
-    filter.rebuild(&pins.path).unwrap();
+    filter.rebuild().unwrap();
     assert_eq!(filter.active_half(), half);
     assert!(
         round(&first) && round(&second),
@@ -204,7 +204,7 @@ fn the_flow_filter_is_rebuilt_from_the_flow_table_and_every_live_flows_reply_sur
             flows.remove(&k).unwrap();
         }
     }
-    let r = filter.rebuild(&pins.path).unwrap();
+    let r = filter.rebuild().unwrap();
     assert_eq!((r.flows, r.set), (0, 0), "{r:?}");
     // And the node speaking again records the flow, byte and all.
     assert!(round(&first), "a reply once the node speaks again");

@@ -179,6 +179,23 @@ pub fn check_dir(dir: &Path) -> Result<(), LayoutError> {
     }
 }
 
+/// `FLOW_FILTER` must have the two halves of the size the control word
+/// recorded when the directory was created (a power of two of lines each).
+pub fn check_filter(dir: &Path, recorded_lines: u32, entries: u32) -> Result<(), LayoutError> {
+    if recorded_lines.is_power_of_two() && u64::from(entries) == 2 * u64::from(recorded_lines) {
+        return Ok(());
+    }
+    Err(LayoutError::Mismatch {
+        path: dir.join(names::FLOW_FILTER),
+        dir: dir.into(),
+        found: format!(
+            "a flow filter of {entries} lines where the control word says 2 x {recorded_lines}"
+        ),
+        expected: "the size recorded when the directory was created".into(),
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
 /// Check the pinned map at `path` against our layout. `Ok(None)` if absent.
 pub fn check_pin(dir: &Path, path: &Path, name: &str) -> Result<Option<MapData>, LayoutError> {
     if !path.exists() {

@@ -136,18 +136,7 @@ impl KernelStore {
                 });
             }
         }
-        if !c.flow_filter_lines.is_power_of_two() || filter_entries != 2 * c.flow_filter_lines {
-            return Err(LayoutError::Mismatch {
-                path: dir.join(names::FLOW_FILTER),
-                dir: dir.into(),
-                found: format!(
-                    "a flow filter of {filter_entries} lines where the control word says 2 x {}",
-                    c.flow_filter_lines
-                ),
-                expected: "the size recorded when the directory was created".into(),
-                version: env!("CARGO_PKG_VERSION"),
-            });
-        }
+        super::layout::check_filter(dir, c.flow_filter_lines, filter_entries)?;
         let mmap_err = |name: &'static str| {
             let path = dir.join(name);
             move |source| LayoutError::Mmap { path, source }

@@ -431,7 +431,7 @@ fn bench_filter_rebuild(ns: &Ns) -> anyhow::Result<()> {
         let mut report = None;
         for _ in 0..3 {
             let t = Instant::now();
-            report = Some(filter.rebuild(&pins.path)?);
+            report = Some(filter.rebuild()?);
             rebuild = rebuild.min(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
             let seen = flows.keys().flatten().count();
