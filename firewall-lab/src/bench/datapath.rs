@@ -37,6 +37,28 @@ use firewall_tests::{Ns, PinDir, flow_key, kernel_available, monotonic_ns, packe
 const REPEAT: u32 = 200_000;
 const ROUNDS: usize = 41;
 
+/// The method for every table: `ROUNDS` rounds, each running every cell
+/// once in an order that reverses every round, and each cell's minimum.
+fn min_of_rounds<C: Copy + Ord>(
+    cells: &[C],
+    mut run: impl FnMut(C) -> anyhow::Result<f64>,
+) -> anyhow::Result<BTreeMap<C, f64>> {
+    let mut best = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let order: Vec<C> = if round % 2 == 0 {
+            cells.to_vec()
+        } else {
+            cells.iter().rev().copied().collect()
+        };
+        for cell in order {
+            let ns = run(cell)?;
+            let b = best.entry(cell).or_insert(f64::MAX);
+            *b = b.min(ns);
+        }
+    }
+    Ok(best)
+}
+
 /// A UDP frame from `src:sport` to `dst:dport`.
 fn udp_frame(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
     Frame::new(src, dst, firewall_tests::packet::L4::Udp { sport, dport }).build()
@@ -344,51 +366,41 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
             cells.push((fi, Prog::XdpFilter));
         }
     }
-    let mut best: BTreeMap<(usize, Prog), f64> = BTreeMap::new();
     let mut out = vec![0u8; 2048];
-    for round in 0..ROUNDS {
-        let order: Vec<&(usize, Prog)> = if round % 2 == 0 {
-            cells.iter().collect()
-        } else {
-            cells.iter().rev().collect()
-        };
-        for &&(fi, prog) in &order {
-            let (_, pkt, v6) = &frames[fi];
-            let ns = match prog {
-                Prog::Floor => wall_ns_per_pkt(&floor, pkt, &mut out)?,
-                Prog::Lookup => wall_ns_per_pkt(if *v6 { &look6 } else { &look4 }, pkt, &mut out)?,
-                Prog::Ours
-                | Prog::OursCidr
-                | Prog::OursDefaults
-                | Prog::OursReplies
-                | Prog::OursEvents => {
-                    set_ctrl(
-                        &mut ebpf,
-                        match prog {
-                            Prog::Ours => PURE,
-                            Prog::OursCidr => Setting {
-                                cidrs: true,
-                                ..PURE
-                            },
-                            Prog::OursReplies => Setting {
-                                replies: true,
-                                ..PURE
-                            },
-                            Prog::OursEvents => Setting {
-                                event_rate: 1000,
-                                ..PURE
-                            },
-                            _ => DEFAULTS,
+    let best = min_of_rounds(&cells, |(fi, prog)| {
+        let (_, pkt, v6) = &frames[fi];
+        Ok(match prog {
+            Prog::Floor => wall_ns_per_pkt(&floor, pkt, &mut out)?,
+            Prog::Lookup => wall_ns_per_pkt(if *v6 { &look6 } else { &look4 }, pkt, &mut out)?,
+            Prog::Ours
+            | Prog::OursCidr
+            | Prog::OursDefaults
+            | Prog::OursReplies
+            | Prog::OursEvents => {
+                set_ctrl(
+                    &mut ebpf,
+                    match prog {
+                        Prog::Ours => PURE,
+                        Prog::OursCidr => Setting {
+                            cidrs: true,
+                            ..PURE
                         },
-                    )?;
-                    wall_ns_per_pkt(&fw, pkt, &mut out)?
-                }
-                Prog::XdpFilter => wall_ns_per_pkt(xf_prog.as_ref().unwrap(), pkt, &mut out)?,
-            };
-            let b = best.entry((fi, prog)).or_insert(f64::MAX);
-            *b = b.min(ns);
-        }
-    }
+                        Prog::OursReplies => Setting {
+                            replies: true,
+                            ..PURE
+                        },
+                        Prog::OursEvents => Setting {
+                            event_rate: 1000,
+                            ..PURE
+                        },
+                        _ => DEFAULTS,
+                    },
+                )?;
+                wall_ns_per_pkt(&fw, pkt, &mut out)?
+            }
+            Prog::XdpFilter => wall_ns_per_pkt(xf_prog.as_ref().unwrap(), pkt, &mut out)?,
+        })
+    })?;
 
     println!(
         "BPF_PROG_TEST_RUN of programs each attached natively to a veth of its own; wall clock over runs of {REPEAT} packets, minimum of {ROUNDS} alternating rounds"
@@ -511,6 +523,15 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The egress table's cells: the TC floor, egress with replies off (it
+/// returns at once), egress recording.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Egress {
+    Floor,
+    RepliesOff,
+    Recording,
+}
+
 /// What the TC egress program costs each packet the node sends, for a flow
 /// it already records (the steady state of a busy connection: a lookup,
 /// and a refresh at most once a second), against a TC floor. A new flow's
@@ -528,44 +549,31 @@ fn bench_egress(
         ("v6 out", out_frame(v6.0.into(), v6.1.into())),
     ];
     let mut out = vec![0u8; 2048];
-    let mut time = |ebpf: &aya::Ebpf, name: &str, pkt: &[u8]| -> anyhow::Result<f64> {
-        let p: &SchedClassifier = ebpf.program(name).unwrap().try_into()?;
-        wall_ns_per_pkt(p, pkt, &mut out)
-    };
-    // (frame, 0 = floor, 1 = egress with replies off, 2 = egress recording)
-    let cells: Vec<(usize, u8)> = (0..frames.len())
-        .flat_map(|f| [(f, 0), (f, 1), (f, 2)])
+    let cells: Vec<(usize, Egress)> = (0..frames.len())
+        .flat_map(|f| [Egress::Floor, Egress::RepliesOff, Egress::Recording].map(|w| (f, w)))
         .collect();
-    let mut best: BTreeMap<(usize, u8), f64> = BTreeMap::new();
-    for round in 0..ROUNDS {
-        let order: Vec<&(usize, u8)> = if round % 2 == 0 {
-            cells.iter().collect()
-        } else {
-            cells.iter().rev().collect()
+    let best = min_of_rounds(&cells, |(fi, which)| {
+        let pkt = &frames[fi].1;
+        let prog = match which {
+            Egress::Floor => "tc_floor",
+            Egress::RepliesOff => {
+                set_ctrl(ebpf, PURE)?;
+                "egress"
+            }
+            Egress::Recording => {
+                set_ctrl(
+                    ebpf,
+                    Setting {
+                        replies: true,
+                        ..PURE
+                    },
+                )?;
+                "egress"
+            }
         };
-        for &&(fi, which) in &order {
-            let pkt = &frames[fi].1;
-            let ns = match which {
-                0 => time(ebpf, "tc_floor", pkt)?,
-                _ => {
-                    set_ctrl(
-                        ebpf,
-                        if which == 1 {
-                            PURE
-                        } else {
-                            Setting {
-                                replies: true,
-                                ..PURE
-                            }
-                        },
-                    )?;
-                    time(ebpf, "egress", pkt)?
-                }
-            };
-            let b = best.entry((fi, which)).or_insert(f64::MAX);
-            *b = b.min(ns);
-        }
-    }
+        let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
+        wall_ns_per_pkt(p, pkt, &mut out)
+    })?;
     println!(
         "\nTC egress, per packet the node sends (socket-buffer test runs, both programs unattached, same method)"
     );
@@ -574,14 +582,14 @@ fn bench_egress(
         "frame", "tc floor", "replies off", "recording", "recording-fl"
     );
     for (fi, (name, _)) in frames.iter().enumerate() {
-        let g = |w: u8| best[&(fi, w)];
+        let g = |w: Egress| best[&(fi, w)];
         println!(
             "{:<9} {:>9.2} {:>12.2} {:>10.2} {:>14.2}",
             name,
-            g(0),
-            g(1),
-            g(2),
-            g(2) - g(0)
+            g(Egress::Floor),
+            g(Egress::RepliesOff),
+            g(Egress::Recording),
+            g(Egress::Recording) - g(Egress::Floor)
         );
     }
     Ok(())
