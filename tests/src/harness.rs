@@ -69,16 +69,22 @@ pub fn test_control(v4: &Table<V4>, v6: &Table<V6>) -> Control {
 pub const TEST_FILTER_LINES: u32 =
     firewall_common::flow::filter_lines_for(firewall_common::flow::DEFAULT_MAX_FLOWS);
 
-/// Set `hash`'s byte in both halves of an unpinned object's `FLOW_FILTER`,
-/// as the egress program does when it records a flow.
-pub fn mark_filter(ebpf: &mut aya::Ebpf, hash: u64) {
+/// Write `value` into `hash`'s byte in half `half` of an unpinned object's
+/// `FLOW_FILTER`.
+fn write_filter_byte(ebpf: &mut aya::Ebpf, hash: u64, half: u32, value: u8) {
     let mut m: Array<_, firewall_common::flow::FilterLine> =
         ebpf.map_mut("FLOW_FILTER").unwrap().try_into().unwrap();
+    let (line, byte) = firewall_common::flow::filter_slot(hash, TEST_FILTER_LINES, half);
+    let mut l = m.get(&line, 0).unwrap();
+    l.bytes[byte] = value;
+    m.set(line, l, 0).unwrap();
+}
+
+/// Set `hash`'s byte in both halves, as the egress program does when it
+/// records a flow.
+fn mark_filter(ebpf: &mut aya::Ebpf, hash: u64) {
     for half in 0..2 {
-        let (line, byte) = firewall_common::flow::filter_slot(hash, TEST_FILTER_LINES, half);
-        let mut l = m.get(&line, 0).unwrap();
-        l.bytes[byte] = 1;
-        m.set(line, l, 0).unwrap();
+        write_filter_byte(ebpf, hash, half, 1);
     }
 }
 
@@ -147,18 +153,9 @@ impl Harness {
     /// Clear `hash`'s byte in the filter half in force: the datapath then
     /// takes the flow for absent, whatever FLOWS holds.
     pub fn unmark_filter(&mut self, hash: u64) {
-        let mut half = 0;
-        self.set_control(|c| half = c.flow_filter_half);
-        let mut m: Array<_, firewall_common::flow::FilterLine> = self
-            .ebpf
-            .map_mut("FLOW_FILTER")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let (line, byte) = firewall_common::flow::filter_slot(hash, TEST_FILTER_LINES, half);
-        let mut l = m.get(&line, 0).unwrap();
-        l.bytes[byte] = 0;
-        m.set(line, l, 0).unwrap();
+        let ctrl: Array<_, Control> = self.ebpf.map("CTRL").unwrap().try_into().unwrap();
+        let half = ctrl.get(&0, 0).unwrap().flow_filter_half;
+        write_filter_byte(&mut self.ebpf, hash, half, 0);
     }
     /// Run the TC egress program on `frame`, as if the node sent it
     /// (loaded on first use). Returns its verdict.
