@@ -139,7 +139,7 @@ pub struct FlowFilter {
 }
 
 /// What one rebuild found.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Copy, Clone, Debug)]
 pub struct FilterReport {
     /// Keys read from `FLOWS`.
     pub flows: u64,
