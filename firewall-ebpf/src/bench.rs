@@ -61,6 +61,16 @@ pub fn lookup_floor6(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The firewall with the flow table's probe made free (see `reply::live`):
+/// the benchmark runs it on reply frames to show the least a reply hit
+/// could cost while peers are checked first, whatever the flow table.
+/// Never in the shipped object: it passes any packet whose flow hash meets
+/// a set filter byte.
+#[xdp]
+pub fn reply_free_probe(ctx: XdpContext) -> u32 {
+    super::verdict::<true>(&ctx)
+}
+
 /// The egress benchmark's floor: the cheapest TC program, run the same way
 /// as `egress` (both unattached: a socket-buffer test run calls either
 /// through the same indirect call, with no dispatcher).

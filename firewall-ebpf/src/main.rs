@@ -122,12 +122,20 @@ const IPPROTO_ICMPV6: u8 = 58;
 
 #[xdp]
 pub fn firewall(ctx: XdpContext) -> u32 {
-    let mut reason = classify(&ctx);
+    verdict::<false>(&ctx)
+}
+
+/// The firewall's verdict. `FREE_PROBE` is true only in the benchmark's
+/// bound-measuring copy (`bench::reply_free_probe`, see `reply::live`); the
+/// shipped object instantiates `false` alone.
+#[inline(always)]
+fn verdict<const FREE_PROBE: bool>(ctx: &XdpContext) -> u32 {
+    let mut reason = classify(ctx);
     // The reply rule runs here, after classify has returned, not inside its
     // parse paths: at this point only the reason is live, so the verifier
     // checks the rule once instead of once per parse path (inside classify
     // it exceeded the verifier's 1M-instruction budget).
-    if reason as u32 == Reason::DefaultDrop as u32 && reply::check(&ctx) {
+    if reason as u32 == Reason::DefaultDrop as u32 && reply::check::<FREE_PROBE>(ctx) {
         reason = Reason::Reply;
     }
     if reason as u32 <= Reason::Reply as u32 {
@@ -137,7 +145,7 @@ pub fn firewall(ctx: XdpContext) -> u32 {
         if reason as u32 == Reason::Malformed as u32 {
             anchor_overlay_table();
         }
-        events::drop_path(&ctx, reason)
+        events::drop_path(ctx, reason)
     }
 }
 

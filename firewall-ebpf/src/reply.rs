@@ -58,7 +58,7 @@ pub(super) fn remember(
 
 /// The reply rule for a packet classify would drop.
 #[inline(always)]
-pub(super) fn check(ctx: &XdpContext) -> bool {
+pub(super) fn check<const FREE_PROBE: bool>(ctx: &XdpContext) -> bool {
     let Some(ctrl) = CTRL.get(0) else {
         return false;
     };
@@ -84,15 +84,21 @@ pub(super) fn check(ctx: &XdpContext) -> bool {
     }
     let proto = p.proto as u8;
     match p.family {
-        4 => reply_v4(ctx, ctrl, p, l3, l4, proto),
-        6 => reply_v6(ctx, ctrl, p, l3, l4, proto),
+        4 => reply_v4::<FREE_PROBE>(ctx, ctrl, p, l3, l4, proto),
+        6 => reply_v6::<FREE_PROBE>(ctx, ctrl, p, l3, l4, proto),
         _ => false,
     }
 }
 
 /// Is `key` recorded and not idle past its protocol's timeout?
+///
+/// `FREE_PROBE` (the benchmark's copy only, never shipped: it would pass
+/// strangers whose hash shares a set filter byte) stops after the filter
+/// byte, as if the flow table's lookup, key compare and liveness check cost
+/// nothing: the bound on what any flow table could make a reply hit cost
+/// while peers are checked first. The benchmark runs it with the filter on.
 #[inline(always)]
-fn live(ctrl: &Control, rec: &mut Parsed, key: &FlowKey) -> bool {
+fn live<const FREE_PROBE: bool>(ctrl: &Control, rec: &mut Parsed, key: &FlowKey) -> bool {
     let h = flow_hash(key, &ctrl.hash_seed);
     let lines = ctrl.flow_filter_lines;
     if lines != 0 {
@@ -107,6 +113,9 @@ fn live(ctrl: &Control, rec: &mut Parsed, key: &FlowKey) -> bool {
             Some(l) if l.bytes[byte] != 0 => {}
             _ => return false,
         }
+    }
+    if FREE_PROBE {
+        return true;
     }
     let Some(v) = FLOWS.get_ptr(h) else {
         return false;
@@ -157,7 +166,7 @@ fn key(family: u8, proto: u8, remote: [u8; 16], local: [u8; 16]) -> FlowKey {
 /// IPv4: the IP header at `off` (checked by classify), the transport header
 /// at `l4`.
 #[inline(always)]
-fn reply_v4(
+fn reply_v4<const FREE_PROBE: bool>(
     ctx: &XdpContext,
     ctrl: &Control,
     rec: &mut Parsed,
@@ -179,7 +188,7 @@ fn reply_v4(
         let p = unsafe { *p };
         k.remote_port = be16([p[0], p[1]]);
         k.local_port = be16([p[2], p[3]]);
-        return live(ctrl, rec, &k);
+        return live::<FREE_PROBE>(ctrl, rec, &k);
     }
     if proto != IPPROTO_ICMP {
         return false;
@@ -192,7 +201,7 @@ fn reply_v4(
     if h[0] == 0 {
         // Echo reply: the identifier is the flow's local port.
         k.local_port = be16([h[4], h[5]]);
-        return live(ctrl, rec, &k);
+        return live::<FREE_PROBE>(ctrl, rec, &k);
     }
     if h[0] != 3 && h[0] != 11 {
         return false;
@@ -217,7 +226,7 @@ fn reply_v4(
     let t = unsafe { *t };
     let iproto = iip.proto;
     k = key(FAMILY_V4, iproto, v4(iip.dst_addr), v4(iip.src_addr));
-    inner_ports(&mut k, iproto, t, IPPROTO_ICMP, 8) && live(ctrl, rec, &k)
+    inner_ports(&mut k, iproto, t, IPPROTO_ICMP, 8) && live::<FREE_PROBE>(ctrl, rec, &k)
 }
 
 /// The flow's ports from the first 8 bytes of an embedded transport header.
@@ -238,7 +247,7 @@ fn inner_ports(k: &mut FlowKey, iproto: u8, t: [u8; 8], icmp: u8, echo_request: 
 /// IPv6: the IP header at `off` (checked by the caller), the transport
 /// header at `l4` past any extension headers, of protocol `next`.
 #[inline(always)]
-fn reply_v6(
+fn reply_v6<const FREE_PROBE: bool>(
     ctx: &XdpContext,
     ctrl: &Control,
     rec: &mut Parsed,
@@ -260,7 +269,7 @@ fn reply_v6(
         let p = unsafe { *p };
         k.remote_port = be16([p[0], p[1]]);
         k.local_port = be16([p[2], p[3]]);
-        return live(ctrl, rec, &k);
+        return live::<FREE_PROBE>(ctrl, rec, &k);
     }
     if next != IPPROTO_ICMPV6 {
         return false;
@@ -272,7 +281,7 @@ fn reply_v6(
     let h = unsafe { *h };
     if h[0] == 129 {
         k.local_port = be16([h[4], h[5]]);
-        return live(ctrl, rec, &k);
+        return live::<FREE_PROBE>(ctrl, rec, &k);
     }
     // Destination unreachable, packet too big, time exceeded.
     if h[0] != 1 && h[0] != 2 && h[0] != 3 {
@@ -294,5 +303,5 @@ fn reply_v6(
     let t = unsafe { *t };
     let iproto = iip.next_hdr;
     k = key(FAMILY_V6, iproto, iip.dst_addr, iip.src_addr);
-    inner_ports(&mut k, iproto, t, IPPROTO_ICMPV6, 128) && live(ctrl, rec, &k)
+    inner_ports(&mut k, iproto, t, IPPROTO_ICMPV6, 128) && live::<FREE_PROBE>(ctrl, rec, &k)
 }

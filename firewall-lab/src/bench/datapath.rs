@@ -35,6 +35,10 @@ use firewall_common::{
 use firewall_tests::{Ns, PinDir, flow_key, kernel_available, monotonic_ns, packet::Frame};
 
 const REPEAT: u32 = 200_000;
+// The programs' return values (linux/bpf.h, linux/pkt_cls.h).
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
 const ROUNDS: usize = 41;
 
 /// The method for every table: `ROUNDS` rounds, each running every cell
@@ -64,19 +68,28 @@ fn udp_frame(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
     Frame::new(src, dst, firewall_tests::packet::L4::Udp { sport, dport }).build()
 }
 
-/// One run of `REPEAT` packets, timed from outside: ns per packet.
-fn wall_ns_per_pkt<P>(prog: &P, pkt: &[u8], out: &mut [u8]) -> anyhow::Result<f64>
+/// One run of `REPEAT` packets, timed from outside: ns per packet. The
+/// program must return `want` (a cell that took another path, say a reply
+/// whose flow was evicted, would time the wrong thing).
+fn wall_ns_per_pkt<P>(prog: &P, pkt: &[u8], out: &mut [u8], want: u32) -> anyhow::Result<f64>
 where
-    P: for<'a> aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>>,
+    P: for<'a> aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
 {
     let t = Instant::now();
-    prog.test_run(TestRunOptions {
+    let r = prog.test_run(TestRunOptions {
         data_in: Some(pkt),
         data_out: Some(out),
         repeat: REPEAT,
         ..Default::default()
     })?;
-    Ok(t.elapsed().as_nanos() as f64 / REPEAT as f64)
+    let ns = t.elapsed().as_nanos() as f64 / REPEAT as f64;
+    if r.return_value != want {
+        bail!(
+            "a benchmark cell returned {} where {want} was expected: it measured another path",
+            r.return_value
+        );
+    }
+    Ok(ns)
 }
 
 pub(crate) struct XdpFilter {
@@ -152,6 +165,9 @@ enum Prog {
     OursDefaults,
     OursReplies,
     OursEvents,
+    /// The bench-only copy of the firewall whose flow probe is free, with
+    /// the defaults (see `bench::reply_free_probe` in firewall-ebpf).
+    FreeProbe,
     XdpFilter,
 }
 
@@ -175,7 +191,13 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
         .map_max_entries("FLOWS", max_flows)
         .map_max_entries("FLOW_FILTER", 2 * filter_lines)
         .load(firewall_tests::BENCH_OBJ)?;
-    for name in ["firewall", "pass_floor", "lookup_floor", "lookup_floor6"] {
+    for name in [
+        "firewall",
+        "pass_floor",
+        "lookup_floor",
+        "lookup_floor6",
+        "reply_free_probe",
+    ] {
         let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into()?;
         p.load()?;
     }
@@ -312,7 +334,13 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
     let pins = PinDir::new();
     std::fs::create_dir_all(&pins.path)?;
     let ns = Ns::new("fwbd");
-    let names = ["firewall", "pass_floor", "lookup_floor", "lookup_floor6"];
+    let names = [
+        "firewall",
+        "pass_floor",
+        "lookup_floor",
+        "lookup_floor6",
+        "reply_free_probe",
+    ];
     for (i, name) in names.iter().enumerate() {
         let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into()?;
         let path = pins.path.join(name);
@@ -323,11 +351,12 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
         ));
     }
     let open = |name: &str| Xdp::from_pin(pins.path.join(name), aya_obj_attach());
-    let (fw, floor, look4, look6) = (
+    let (fw, floor, look4, look6, free) = (
         open("firewall")?,
         open("pass_floor")?,
         open("lookup_floor")?,
         open("lookup_floor6")?,
+        open("reply_free_probe")?,
     );
     let xf = XdpFilter::load(hit4, hit6, &pins)?;
     let xf_prog = match &xf {
@@ -352,7 +381,13 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
         cells.push((fi, Prog::Floor));
         cells.push((fi, Prog::Lookup));
         if name.ends_with("reply") {
-            cells.push((fi, Prog::OursDefaults));
+            // Ours (replies off) drops the frame after the peer miss: the
+            // part of a reply hit that comes before the reply rule.
+            cells.extend([
+                (fi, Prog::Ours),
+                (fi, Prog::FreeProbe),
+                (fi, Prog::OursDefaults),
+            ]);
             continue;
         }
         cells.extend([
@@ -368,15 +403,28 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
     }
     let mut out = vec![0u8; 2048];
     let best = min_of_rounds(&cells, |(fi, prog)| {
-        let (_, pkt, v6) = &frames[fi];
+        let (name, pkt, v6) = &frames[fi];
+        // What each cell must return: hits pass; misses drop; a reply frame
+        // passes only where the reply rule is on.
+        let (pass, drop) = (XDP_PASS, XDP_DROP);
+        let want = match prog {
+            Prog::Floor => pass,
+            _ if name.ends_with("hit") => pass,
+            _ if name.ends_with("miss") => drop,
+            Prog::FreeProbe | Prog::OursDefaults => pass,
+            _ => drop,
+        };
         Ok(match prog {
-            Prog::Floor => wall_ns_per_pkt(&floor, pkt, &mut out)?,
-            Prog::Lookup => wall_ns_per_pkt(if *v6 { &look6 } else { &look4 }, pkt, &mut out)?,
+            Prog::Floor => wall_ns_per_pkt(&floor, pkt, &mut out, want)?,
+            Prog::Lookup => {
+                wall_ns_per_pkt(if *v6 { &look6 } else { &look4 }, pkt, &mut out, want)?
+            }
             Prog::Ours
             | Prog::OursCidr
             | Prog::OursDefaults
             | Prog::OursReplies
-            | Prog::OursEvents => {
+            | Prog::OursEvents
+            | Prog::FreeProbe => {
                 set_ctrl(
                     &mut ebpf,
                     match prog {
@@ -396,9 +444,14 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
                         _ => DEFAULTS,
                     },
                 )?;
-                wall_ns_per_pkt(&fw, pkt, &mut out)?
+                wall_ns_per_pkt(
+                    if prog == Prog::FreeProbe { &free } else { &fw },
+                    pkt,
+                    &mut out,
+                    want,
+                )?
             }
-            Prog::XdpFilter => wall_ns_per_pkt(xf_prog.as_ref().unwrap(), pkt, &mut out)?,
+            Prog::XdpFilter => wall_ns_per_pkt(xf_prog.as_ref().unwrap(), pkt, &mut out, want)?,
         })
     })?;
 
@@ -464,7 +517,7 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
                 _ => "-".into(),
             }
         );
-        if let Some(o) = ours {
+        if let (Some(o), false) = (ours, name.ends_with("reply")) {
             goals.push((
                 format!("{name}: ours / bare lookup"),
                 o / bare,
@@ -516,11 +569,103 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
         met += usize::from(*ok);
     }
     println!("\n{met} of {} goals met", goals.len());
+    print_reply_breakdown(&frames, &get);
     bench_egress(&mut ebpf, &set_ctrl, (local4, reply4), (local6, reply6))?;
     drop(xf_prog);
     drop(xf);
     drop(ns);
     Ok(())
+}
+
+/// Where a reply hit's time goes, from differences between cells of this
+/// run, and the least a reply hit could cost with any flow table while
+/// peers are checked first (the bench-only copy whose flow probe is free).
+fn print_reply_breakdown(
+    frames: &[(&str, Vec<u8>, bool)],
+    get: &dyn Fn(usize, Prog) -> Option<f64>,
+) {
+    let replies: Vec<usize> = (0..frames.len())
+        .filter(|&fi| frames[fi].0.ends_with("reply"))
+        .collect();
+    let hit_frame = |v6: bool| {
+        (0..frames.len()).find(|&fi| frames[fi].0 == if v6 { "v6 hit" } else { "v4 hit" })
+    };
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        (
+            "classify up to the peer miss (ours, replies off: a drop)",
+            vec![],
+        ),
+        (
+            "the reply rule with the flow probe free (bench-only copy)",
+            vec![],
+        ),
+        ("the flow probe: LRU lookup, key compare, liveness", vec![]),
+        ("a reply hit (defaults)", vec![]),
+        ("the bare lookup, same frame (a miss: it drops)", vec![]),
+        (
+            "the bare lookup on the hit frame (a hit: it passes)",
+            vec![],
+        ),
+    ];
+    let mut budget = Vec::new();
+    let mut bound = Vec::new();
+    let mut vs_bare_hit = Vec::new();
+    for &fi in &replies {
+        let (Some(fl), Some(bare), Some(ours), Some(free), Some(hit)) = (
+            get(fi, Prog::Floor),
+            get(fi, Prog::Lookup),
+            get(fi, Prog::Ours),
+            get(fi, Prog::FreeProbe),
+            get(fi, Prog::OursDefaults),
+        ) else {
+            return;
+        };
+        let bare_hit = hit_frame(frames[fi].2)
+            .and_then(|h| Some(get(h, Prog::Lookup)? - get(h, Prog::Floor)?));
+        let Some(bare_hit) = bare_hit else { return };
+        for (row, v) in rows.iter_mut().zip([
+            ours - fl,
+            free - ours,
+            hit - free,
+            hit - fl,
+            bare - fl,
+            bare_hit,
+        ]) {
+            row.1.push(v);
+        }
+        budget.push(bare - ours);
+        bound.push(free / bare);
+        vs_bare_hit.push(hit / (fl + bare_hit));
+    }
+    let names: Vec<&str> = replies.iter().map(|&fi| frames[fi].0).collect();
+    println!("\nwhere a reply hit's time goes, ns above the floor");
+    print!("{:<60}", "");
+    for n in &names {
+        print!(" {n:>9}");
+    }
+    println!();
+    let line = |label: &str, vals: &[f64]| {
+        print!("{label:<60}");
+        for v in vals {
+            print!(" {v:>9.2}");
+        }
+        println!();
+    };
+    for (label, vals) in &rows {
+        line(label, vals);
+    }
+    line(
+        "left for the whole reply rule to match the bare lookup",
+        &budget,
+    );
+    line("a reply hit with the flow probe free / bare lookup", &bound);
+    line(
+        "a reply hit / the bare lookup that hits (for reference)",
+        &vs_bare_hit,
+    );
+    println!(
+        "with the peers checked first, the reply rule (parse, key, hash, probe, compare, liveness)\nhas only the budget above; the first ratio is the least any flow table reaches with this parse and hash"
+    );
 }
 
 /// The egress table's cells: the TC floor, egress with replies off (it
@@ -572,7 +717,7 @@ fn bench_egress(
             }
         };
         let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
-        wall_ns_per_pkt(p, pkt, &mut out)
+        wall_ns_per_pkt(p, pkt, &mut out, TC_ACT_OK)
     })?;
     println!(
         "\nTC egress, per packet the node sends (socket-buffer test runs, both programs unattached, same method)"
