@@ -167,12 +167,19 @@ pub mod origin {
 pub struct PeerVal {
     pub added_gen: u64,
     pub removed_gen: u64,
-    /// Packets passed because of this entry. Incremented without atomics: a lost
-    /// increment under contention is acceptable for an operator counter, a locked
-    /// add on every packet is not.
+    /// Traffic through this entry: one for each tick of the kernel's clock
+    /// (jiffies: 1-10 ms, by CONFIG_HZ) in which it passed a packet. Not a
+    /// packet count: counting every packet wrote this cache line on every
+    /// packet, and a peer whose packets land on several CPUs (RSS) then
+    /// moved the line between them on every packet (2 ns a packet for IPv6
+    /// on two vCPUs, `bench datapath`; more across sockets). It grows iff
+    /// the peer sends, which is all the liveness veto reads. Incremented
+    /// without atomics: two CPUs may count one tick twice, or once.
     pub hits: u64,
     pub origin: u32,
-    pub _pad: u32,
+    /// The low 32 bits of jiffies at the last tick counted in `hits`;
+    /// written only by the datapath.
+    pub hit_tick: u32,
 }
 
 impl PeerVal {

@@ -213,8 +213,11 @@ pub struct LivenessView {
     /// `watching`: not yet watched for a whole window.
     pub state: String,
     pub last_traffic_ms: Option<u64>,
-    /// Packets counted while it was watched.
-    pub packets_seen: u64,
+    /// How much its hit counter grew while it was watched: ticks of the
+    /// kernel's clock with traffic (see `firewall_common::PeerVal::hits`).
+    /// Earlier releases called it `packets_seen`.
+    #[serde(alias = "packets_seen")]
+    pub traffic_ticks: u64,
     /// When it is evicted unless traffic continues (never past the cap).
     pub deadline_ms: u64,
 }
@@ -928,7 +931,7 @@ impl Core {
                     w.first_ms = v.deadline_ms.saturating_sub(window);
                 }
                 w.grew_ms = v.last_traffic_ms;
-                w.grown = v.packets_seen;
+                w.grown = v.traffic_ticks;
             }
         }
         self.plan();
@@ -1302,7 +1305,7 @@ impl Core {
                         grace_end_ms: a.since_ms + self.grace(a),
                         state: state.into(),
                         last_traffic_ms: w.and_then(|w| w.grew_ms),
-                        packets_seen: w.map_or(0, |w| w.grown),
+                        traffic_ticks: w.map_or(0, |w| w.grown),
                         deadline_ms,
                     })
                 })
@@ -1576,7 +1579,7 @@ mod tests {
             (p(4), "traffic", Some(12_000))
         );
         assert_eq!(v.deadline_ms, 15_000);
-        assert!(v.packets_seen > 0);
+        assert!(v.traffic_ticks > 0);
         assert!(
             s.alarms.iter().any(|a| a.contains("traffic says alive")),
             "{:?}",

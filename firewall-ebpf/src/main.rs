@@ -250,6 +250,21 @@ fn generation_of(ctrl: &Control) -> u64 {
 // are compared as whole words: the buckets are 8-byte aligned array values,
 // so `addr[i]` is 4-aligned (v4) or 8-aligned (v6).
 
+/// Count a hit once per tick (see `PeerVal::hits`): a read of the slot,
+/// which the key compare has just brought into this CPU's cache, and a
+/// write only when the tick has moved on, so CPUs sharing a peer do not
+/// pass its cache line back and forth on every packet.
+#[inline(always)]
+fn count_hit(p: &mut firewall_common::PeerVal) {
+    // SAFETY: bpf_jiffies64 has no preconditions (the verifier inlines it
+    // as a load of jiffies).
+    let tick = unsafe { aya_ebpf::helpers::bpf_jiffies64() } as u32;
+    if p.hit_tick != tick {
+        p.hit_tick = tick;
+        p.hits += 1;
+    }
+}
+
 #[inline(always)]
 fn peer_v4(ctrl: &Control, generation: u64, word: u32) -> bool {
     let mask = ctrl.bucket_mask[0];
@@ -265,7 +280,7 @@ fn peer_v4(ctrl: &Control, generation: u64, word: u32) -> bool {
             // SAFETY: addr[i] is 4 bytes at a 4-aligned offset of the bucket.
             let k = unsafe { core::ptr::read(bucket.addr[i].as_ptr() as *const u32) };
             if k == word && bucket.peer[i].visible_at(generation) {
-                bucket.peer[i].hits += 1;
+                count_hit(&mut bucket.peer[i]);
                 return true;
             }
         }
@@ -298,7 +313,7 @@ fn peer_v6(ctrl: &Control, generation: u64, hi: u64, lo: u64) -> bool {
             // SAFETY: addr[i] is 16 bytes at an 8-aligned offset: two aligned words.
             let (k_hi, k_lo) = unsafe { (core::ptr::read(k), core::ptr::read(k.add(1))) };
             if k_hi == hi && k_lo == lo && bucket.peer[i].visible_at(generation) {
-                bucket.peer[i].hits += 1;
+                count_hit(&mut bucket.peer[i]);
                 return true;
             }
         }

@@ -194,7 +194,7 @@ impl Harness {
             removed_gen: removed,
             hits: 0,
             origin: 1,
-            _pad: 0,
+            hit_tick: 0,
         };
         match addr {
             IpAddr::V4(a) => self.v4.insert(a.octets(), v).map(drop),

@@ -622,7 +622,7 @@ fn traffic_keeps_a_dropped_peer_until_it_falls_quiet_or_reaches_the_cap() {
                         (
                             l["peer"].as_str().unwrap_or("").to_string(),
                             l["state"].as_str().unwrap_or("").to_string(),
-                            l["packets_seen"].as_u64().unwrap_or(0),
+                            l["traffic_ticks"].as_u64().unwrap_or(0),
                         )
                     })
                     .collect()

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use aya::programs::TestRun as _;
 use firewall_common::{GEN_NEVER, Reason};
 use firewall_tests::packet::{Ext, Frame, L4, arp};
 use firewall_tests::{Harness, XDP_DROP, XDP_PASS};
@@ -464,6 +465,61 @@ fn an_origin_change_keeps_two_versions_and_the_address_visible() {
     h.set_generation(1, [0, 0], [0, 0]);
     expect(&h, &Frame::udp4(PEER4, 53).build(), Reason::DefaultDrop);
     expect(&h, &Frame::udp6(peer6(), 53).build(), Reason::DefaultDrop);
+}
+
+#[test]
+fn a_peers_hits_count_ticks_with_traffic_not_packets() {
+    firewall_tests::require_kernel!();
+    let h = harness();
+    let val = |v6: bool| {
+        let rows = if v6 {
+            h.v6.find(&peer6().octets())
+        } else {
+            h.v4.find(&PEER4.octets())
+        };
+        assert_eq!(rows.len(), 1);
+        rows[0].1
+    };
+    let mut out = vec![0u8; 256];
+    for v6 in [false, true] {
+        let frame = if v6 {
+            Frame::udp6(peer6(), 53).build()
+        } else {
+            Frame::udp4(PEER4, 53).build()
+        };
+        // The first packet counts, and records its tick.
+        expect(&h, &frame, Reason::Peer);
+        let first = val(v6);
+        assert_eq!(first.hits, 1, "v6={v6}");
+        // 100,000 more in one run: each tick the run spans counts once at
+        // most (the ticks only move forward), so the counter grows by no
+        // more than the ticks between the first count and the last one,
+        // where a packet counter would grow by 100,000.
+        let r = h
+            .prog()
+            .test_run(aya::programs::TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                repeat: 100_000,
+                ..Default::default()
+            })
+            .expect("test run");
+        assert_eq!(r.return_value, XDP_PASS);
+        let after = val(v6);
+        let ticks = after.hit_tick.wrapping_sub(first.hit_tick) as u64;
+        assert!(
+            after.hits - first.hits <= ticks,
+            "v6={v6}: {} counted over {ticks} ticks",
+            after.hits - first.hits
+        );
+        // Traffic in a later tick always counts: what the liveness veto reads.
+        let grew = (0..400).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            expect(&h, &frame, Reason::Peer);
+            val(v6).hits > after.hits
+        });
+        assert!(grew, "v6={v6}: a packet in a later tick did not count");
+    }
 }
 
 #[test]

@@ -223,9 +223,9 @@ pub(super) fn print_controller(ctl: Option<&ControllerStatus>) {
 fn liveness_line(l: &firewall_controller::core::LivenessView) -> String {
     match l.state.as_str() {
         "traffic" => format!(
-            "{}: discovery says gone, traffic says alive ({} packets seen, last at {} ms); evicted at {} ms unless traffic continues (grace ended at {} ms)",
+            "{}: discovery says gone, traffic says alive (traffic in {} ticks, last at {} ms); evicted at {} ms unless traffic continues (grace ended at {} ms)",
             l.peer,
-            l.packets_seen,
+            l.traffic_ticks,
             l.last_traffic_ms.unwrap_or(0),
             l.deadline_ms,
             l.grace_end_ms

@@ -477,7 +477,7 @@ pub fn staged(generation: u64, origin: u32) -> PeerVal {
         removed_gen: GEN_NEVER,
         hits: 0,
         origin,
-        _pad: 0,
+        hit_tick: 0,
     }
 }
 

@@ -213,7 +213,7 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
             removed_gen: GEN_NEVER,
             hits: 0,
             origin: 2,
-            _pad: 0,
+            hit_tick: 0,
         };
         // The same 10,001 sources per family in our table and in the kernel
         // hash maps the bare-lookup programs read.
@@ -570,10 +570,153 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
     }
     println!("\n{met} of {} goals met", goals.len());
     print_reply_breakdown(&frames, &get);
+    set_ctrl(&mut ebpf, DEFAULTS)?;
+    bench_two_cpus(
+        &pins.path.join("firewall"),
+        [
+            (udp4(hit4), udp4(other_bucket_v4(hit4, &t4)?)),
+            (udp6(hit6), udp6(other_bucket_v6(hit6, &t6)?)),
+        ],
+    )?;
     bench_egress(&mut ebpf, &set_ctrl, (local4, reply4), (local6, reply6))?;
     drop(xf_prog);
     drop(xf);
     drop(ns);
+    Ok(())
+}
+
+/// A peer of the benchmark's table (one of the 10,000 added above) whose
+/// bucket is not `of`'s: another bucket, so another cache line.
+fn other_bucket_v4(
+    of: Ipv4Addr,
+    t: &firewall_ctl::datapath::table::Table<firewall_ctl::datapath::table::V4>,
+) -> anyhow::Result<Ipv4Addr> {
+    let mask = t.buckets() - 1;
+    let bucket = |a: Ipv4Addr| {
+        firewall_common::hash4(u32::from_ne_bytes(a.octets()), &firewall_tests::TEST_SEED) & mask
+    };
+    (0..10_000u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            Ipv4Addr::new(198, 19, b[2] | 0x80, b[3])
+        })
+        .find(|&a| bucket(a) != bucket(of))
+        .context("no peer in another bucket")
+}
+
+/// The IPv6 counterpart of `other_bucket_v4`.
+fn other_bucket_v6(
+    of: Ipv6Addr,
+    t: &firewall_ctl::datapath::table::Table<firewall_ctl::datapath::table::V6>,
+) -> anyhow::Result<Ipv6Addr> {
+    let mask = t.buckets() - 1;
+    let bucket = |a: Ipv6Addr| {
+        firewall_common::hash6(
+            firewall_common::words6(&a.octets()),
+            &firewall_tests::TEST_SEED,
+        ) & mask
+    };
+    (0..10_000u32)
+        .map(|i| Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, (i >> 16) as u16, i as u16))
+        .find(|&a| bucket(a) != bucket(of))
+        .context("no peer in another bucket")
+}
+
+/// The two-CPU table's cells: one CPU alone; both CPUs at once on one
+/// peer; both at once on two peers in different buckets.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum TwoCpus {
+    Alone,
+    SamePeer,
+    TwoPeers,
+}
+
+/// Test runs on CPUs 0 and 1 at once, started together: what a peer whose
+/// packets land on several cores (RSS on a multi-queue NIC) costs per
+/// packet against two peers that share no cache line. Each worker holds its
+/// own descriptor of the attached firewall; a cell's value is the mean of
+/// the two workers' ns per packet (one worker for `Alone`).
+fn bench_two_cpus(fw_pin: &std::path::Path, frames: [(Vec<u8>, Vec<u8>); 2]) -> anyhow::Result<()> {
+    use std::sync::{Arc, Barrier, mpsc};
+    // SAFETY: sysconf has no preconditions.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
+        println!("\ntwo CPUs: not run (this machine has one CPU online)");
+        return Ok(());
+    }
+    type Job = (Vec<u8>, Arc<Barrier>, mpsc::Sender<anyhow::Result<f64>>);
+    let mut workers = Vec::new();
+    for cpu in 0..2usize {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let pin = fw_pin.to_path_buf();
+        let h = std::thread::spawn(move || -> anyhow::Result<()> {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET
+            // writes within it; sched_setaffinity(0, ..) pins this thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                    bail!(
+                        "pinning the benchmark thread to CPU {cpu}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
+            let prog = Xdp::from_pin(&pin, aya_obj_attach())?;
+            let mut out = vec![0u8; 2048];
+            for (pkt, start, reply) in rx {
+                start.wait();
+                let _ = reply.send(wall_ns_per_pkt(&prog, &pkt, &mut out, XDP_PASS));
+            }
+            Ok(())
+        });
+        workers.push((tx, h));
+    }
+    let cells: Vec<(usize, TwoCpus)> = (0..frames.len())
+        .flat_map(|f| [TwoCpus::Alone, TwoCpus::SamePeer, TwoCpus::TwoPeers].map(|w| (f, w)))
+        .collect();
+    let best = min_of_rounds(&cells, |(fi, which)| {
+        let (a, b) = &frames[fi];
+        let jobs: Vec<Vec<u8>> = match which {
+            TwoCpus::Alone => vec![a.clone()],
+            TwoCpus::SamePeer => vec![a.clone(), a.clone()],
+            TwoCpus::TwoPeers => vec![a.clone(), b.clone()],
+        };
+        let start = Arc::new(Barrier::new(jobs.len()));
+        let (tx, rx) = mpsc::channel();
+        for (w, pkt) in workers.iter().zip(jobs.iter()) {
+            w.0.send((pkt.clone(), start.clone(), tx.clone()))
+                .map_err(|_| anyhow::anyhow!("a benchmark worker stopped"))?;
+        }
+        drop(tx);
+        let ns: Vec<f64> = rx.iter().collect::<anyhow::Result<_>>()?;
+        if ns.len() != jobs.len() {
+            bail!("a benchmark worker stopped");
+        }
+        Ok(ns.iter().sum::<f64>() / ns.len() as f64)
+    })?;
+    for (tx, h) in workers {
+        drop(tx);
+        h.join()
+            .map_err(|_| anyhow::anyhow!("a benchmark worker panicked"))??;
+    }
+    println!(
+        "\ntwo CPUs at once (test runs on CPUs 0 and 1 started together, mean of the two; same method)"
+    );
+    println!(
+        "{:<9} {:>9} {:>14} {:>10} {:>16}",
+        "frame", "one CPU", "two, one peer", "two peers", "one-peer cost"
+    );
+    for (fi, name) in ["v4 hit", "v6 hit"].iter().enumerate() {
+        let g = |w: TwoCpus| best[&(fi, w)];
+        println!(
+            "{:<9} {:>9.2} {:>14.2} {:>10.2} {:>16.2}",
+            name,
+            g(TwoCpus::Alone),
+            g(TwoCpus::SamePeer),
+            g(TwoCpus::TwoPeers),
+            g(TwoCpus::SamePeer) - g(TwoCpus::TwoPeers)
+        );
+    }
     Ok(())
 }
 
