@@ -32,7 +32,7 @@ fn main() {
         },
         Some("veth") => veth::veth_demo(),
         Some("replay") => replay::replay_main(args.get(1).map(String::as_str)),
-        Some("bench-datapath") => bench::datapath::bench_datapath(),
+        Some("bench-datapath") => bench::datapath::bench_datapath(bench::datapath::Method::FULL),
         Some("bench-controller") => bench::controller::bench_controller(),
         Some("bench-allow") => bench::allow::bench_allow(),
         _ => {

@@ -34,21 +34,44 @@ use firewall_common::{
 };
 use firewall_tests::{Ns, PinDir, flow_key, kernel_available, monotonic_ns, packet::Frame};
 
-const REPEAT: u32 = 200_000;
 // The programs' return values (linux/bpf.h, linux/pkt_cls.h).
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
-const ROUNDS: usize = 41;
 
-/// The method for every table: `ROUNDS` rounds, each running every cell
+/// How long each cell is measured.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct Method {
+    /// Packets per timed run.
+    repeat: u32,
+    /// Alternating rounds; a cell keeps its minimum.
+    rounds: usize,
+}
+
+impl Method {
+    /// What `cargo xtask bench datapath` measures with.
+    pub(crate) const FULL: Method = Method {
+        repeat: 200_000,
+        rounds: 41,
+    };
+    /// The test run's smoke: every cell on its path, in both orders, with
+    /// numbers too coarse to mean anything.
+    #[cfg(test)]
+    const SMOKE: Method = Method {
+        repeat: 1_000,
+        rounds: 2,
+    };
+}
+
+/// The method for every table: `m.rounds` rounds, each running every cell
 /// once in an order that reverses every round, and each cell's minimum.
 fn min_of_rounds<C: Copy + Ord>(
+    m: Method,
     cells: &[C],
     mut run: impl FnMut(C) -> anyhow::Result<f64>,
 ) -> anyhow::Result<BTreeMap<C, f64>> {
     let mut best = BTreeMap::new();
-    for round in 0..ROUNDS {
+    for round in 0..m.rounds {
         let order: Vec<C> = if round % 2 == 0 {
             cells.to_vec()
         } else {
@@ -68,10 +91,16 @@ fn udp_frame(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
     Frame::new(src, dst, firewall_tests::packet::L4::Udp { sport, dport }).build()
 }
 
-/// One run of `REPEAT` packets, timed from outside: ns per packet. The
+/// One run of `repeat` packets, timed from outside: ns per packet. The
 /// program must return `want` (a cell that took another path, say a reply
 /// whose flow was evicted, would time the wrong thing).
-fn wall_ns_per_pkt<P>(prog: &P, pkt: &[u8], out: &mut [u8], want: u32) -> anyhow::Result<f64>
+fn wall_ns_per_pkt<P>(
+    repeat: u32,
+    prog: &P,
+    pkt: &[u8],
+    out: &mut [u8],
+    want: u32,
+) -> anyhow::Result<f64>
 where
     P: for<'a> aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
 {
@@ -79,10 +108,10 @@ where
     let r = prog.test_run(TestRunOptions {
         data_in: Some(pkt),
         data_out: Some(out),
-        repeat: REPEAT,
+        repeat,
         ..Default::default()
     })?;
-    let ns = t.elapsed().as_nanos() as f64 / REPEAT as f64;
+    let ns = t.elapsed().as_nanos() as f64 / repeat as f64;
     if r.return_value != want {
         bail!(
             "a benchmark cell returned {} where {want} was expected: it measured another path",
@@ -171,7 +200,7 @@ enum Prog {
     XdpFilter,
 }
 
-pub(crate) fn bench_datapath() -> anyhow::Result<()> {
+pub(crate) fn bench_datapath(m: Method) -> anyhow::Result<()> {
     if !kernel_available("bench-datapath") {
         bail!("the benchmark needs root and the XDP object");
     }
@@ -402,7 +431,7 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
         }
     }
     let mut out = vec![0u8; 2048];
-    let best = min_of_rounds(&cells, |(fi, prog)| {
+    let best = min_of_rounds(m, &cells, |(fi, prog)| {
         let (name, pkt, v6) = &frames[fi];
         // What each cell must return: hits pass; misses drop; a reply frame
         // passes only where the reply rule is on.
@@ -415,10 +444,14 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
             _ => drop,
         };
         Ok(match prog {
-            Prog::Floor => wall_ns_per_pkt(&floor, pkt, &mut out, want)?,
-            Prog::Lookup => {
-                wall_ns_per_pkt(if *v6 { &look6 } else { &look4 }, pkt, &mut out, want)?
-            }
+            Prog::Floor => wall_ns_per_pkt(m.repeat, &floor, pkt, &mut out, want)?,
+            Prog::Lookup => wall_ns_per_pkt(
+                m.repeat,
+                if *v6 { &look6 } else { &look4 },
+                pkt,
+                &mut out,
+                want,
+            )?,
             Prog::Ours
             | Prog::OursCidr
             | Prog::OursDefaults
@@ -445,18 +478,22 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
                     },
                 )?;
                 wall_ns_per_pkt(
+                    m.repeat,
                     if prog == Prog::FreeProbe { &free } else { &fw },
                     pkt,
                     &mut out,
                     want,
                 )?
             }
-            Prog::XdpFilter => wall_ns_per_pkt(xf_prog.as_ref().unwrap(), pkt, &mut out, want)?,
+            Prog::XdpFilter => {
+                wall_ns_per_pkt(m.repeat, xf_prog.as_ref().unwrap(), pkt, &mut out, want)?
+            }
         })
     })?;
 
     println!(
-        "BPF_PROG_TEST_RUN of programs each attached natively to a veth of its own; wall clock over runs of {REPEAT} packets, minimum of {ROUNDS} alternating rounds"
+        "BPF_PROG_TEST_RUN of programs each attached natively to a veth of its own; wall clock over runs of {} packets, minimum of {} alternating rounds",
+        m.repeat, m.rounds
     );
     let set = {
         let f: Array<_, firewall_common::flow::FilterLine> =
@@ -572,13 +609,14 @@ pub(crate) fn bench_datapath() -> anyhow::Result<()> {
     print_reply_breakdown(&frames, &get);
     set_ctrl(&mut ebpf, DEFAULTS)?;
     bench_two_cpus(
+        m,
         &pins.path.join("firewall"),
         [
             (udp4(hit4), udp4(other_bucket_v4(hit4, &t4)?)),
             (udp6(hit6), udp6(other_bucket_v6(hit6, &t6)?)),
         ],
     )?;
-    bench_egress(&mut ebpf, &set_ctrl, (local4, reply4), (local6, reply6))?;
+    bench_egress(m, &mut ebpf, &set_ctrl, (local4, reply4), (local6, reply6))?;
     drop(xf_prog);
     drop(xf);
     drop(ns);
@@ -636,7 +674,11 @@ enum TwoCpus {
 /// packet against two peers that share no cache line. Each worker holds its
 /// own descriptor of the attached firewall; a cell's value is the mean of
 /// the two workers' ns per packet (one worker for `Alone`).
-fn bench_two_cpus(fw_pin: &std::path::Path, frames: [(Vec<u8>, Vec<u8>); 2]) -> anyhow::Result<()> {
+fn bench_two_cpus(
+    m: Method,
+    fw_pin: &std::path::Path,
+    frames: [(Vec<u8>, Vec<u8>); 2],
+) -> anyhow::Result<()> {
     use std::sync::{Arc, Barrier, mpsc};
     // SAFETY: sysconf has no preconditions.
     if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
@@ -648,6 +690,7 @@ fn bench_two_cpus(fw_pin: &std::path::Path, frames: [(Vec<u8>, Vec<u8>); 2]) -> 
     for cpu in 0..2usize {
         let (tx, rx) = mpsc::channel::<Job>();
         let pin = fw_pin.to_path_buf();
+        let repeat = m.repeat;
         let h = std::thread::spawn(move || -> anyhow::Result<()> {
             // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET
             // writes within it; sched_setaffinity(0, ..) pins this thread.
@@ -665,7 +708,7 @@ fn bench_two_cpus(fw_pin: &std::path::Path, frames: [(Vec<u8>, Vec<u8>); 2]) -> 
             let mut out = vec![0u8; 2048];
             for (pkt, start, reply) in rx {
                 start.wait();
-                let _ = reply.send(wall_ns_per_pkt(&prog, &pkt, &mut out, XDP_PASS));
+                let _ = reply.send(wall_ns_per_pkt(repeat, &prog, &pkt, &mut out, XDP_PASS));
             }
             Ok(())
         });
@@ -674,7 +717,7 @@ fn bench_two_cpus(fw_pin: &std::path::Path, frames: [(Vec<u8>, Vec<u8>); 2]) -> 
     let cells: Vec<(usize, TwoCpus)> = (0..frames.len())
         .flat_map(|f| [TwoCpus::Alone, TwoCpus::SamePeer, TwoCpus::TwoPeers].map(|w| (f, w)))
         .collect();
-    let best = min_of_rounds(&cells, |(fi, which)| {
+    let best = min_of_rounds(m, &cells, |(fi, which)| {
         let (a, b) = &frames[fi];
         let jobs: Vec<Vec<u8>> = match which {
             TwoCpus::Alone => vec![a.clone()],
@@ -826,6 +869,7 @@ enum Egress {
 /// insert is paid once per flow and is not in this table: a test run
 /// repeats one packet, so only its first run inserts.
 fn bench_egress(
+    m: Method,
     ebpf: &mut aya::Ebpf,
     set_ctrl: &dyn Fn(&mut aya::Ebpf, Setting) -> anyhow::Result<()>,
     v4: (Ipv4Addr, Ipv4Addr),
@@ -840,7 +884,7 @@ fn bench_egress(
     let cells: Vec<(usize, Egress)> = (0..frames.len())
         .flat_map(|f| [Egress::Floor, Egress::RepliesOff, Egress::Recording].map(|w| (f, w)))
         .collect();
-    let best = min_of_rounds(&cells, |(fi, which)| {
+    let best = min_of_rounds(m, &cells, |(fi, which)| {
         let pkt = &frames[fi].1;
         let prog = match which {
             Egress::Floor => "tc_floor",
@@ -860,7 +904,7 @@ fn bench_egress(
             }
         };
         let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
-        wall_ns_per_pkt(p, pkt, &mut out, TC_ACT_OK)
+        wall_ns_per_pkt(m.repeat, p, pkt, &mut out, TC_ACT_OK)
     })?;
     println!(
         "\nTC egress, per packet the node sends (socket-buffer test runs, both programs unattached, same method)"
@@ -885,4 +929,19 @@ fn bench_egress(
 
 pub(crate) fn aya_obj_attach() -> aya_obj::programs::XdpAttachType {
     aya_obj::programs::XdpAttachType::Interface
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every cell of every table runs on the path it claims (each run
+    /// checks its verdict), on the real kernel: a benchmark that measured
+    /// another path, or could not set up, fails here rather than in the
+    /// next person's measurement.
+    #[test]
+    fn the_datapath_benchmark_runs_every_cell_on_its_path() {
+        firewall_tests::require_kernel!();
+        bench_datapath(Method::SMOKE).expect("bench datapath, smoke");
+    }
 }
