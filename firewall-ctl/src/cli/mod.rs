@@ -160,6 +160,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PeersCmd {
+    /// The committed peers. HITS, for an exact peer: the ticks of the kernel's
+    /// clock (1-10 ms) in which it passed a packet, not a packet count.
     List {
         #[arg(long)]
         json: bool,
