@@ -247,17 +247,14 @@ pub(crate) fn bench_datapath(m: Method) -> anyhow::Result<()> {
         // The same 10,001 sources per family in our table and in the kernel
         // hash maps the bare-lookup programs read.
         let mut f4: HashMap<_, [u8; 4], u32> = ebpf.map_mut("HASH_FLOOR").unwrap().try_into()?;
-        for i in 0..10_000u32 {
-            let b = i.to_be_bytes();
-            let a = [198, 19, b[2] | 0x80, b[3]];
+        for a in table_peers_v4().map(|a| a.octets()) {
             t4.insert(a, v)?;
             f4.insert(a, 1, 0)?;
         }
         t4.insert(hit4.octets(), v)?;
         f4.insert(hit4.octets(), 1, 0)?;
         let mut f6: HashMap<_, [u8; 16], u32> = ebpf.map_mut("HASH_FLOOR6").unwrap().try_into()?;
-        for i in 0..10_000u32 {
-            let a = Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, (i >> 16) as u16, i as u16).octets();
+        for a in table_peers_v6().map(|a| a.octets()) {
             t6.insert(a, v)?;
             f6.insert(a, 1, 0)?;
         }
@@ -612,8 +609,22 @@ pub(crate) fn bench_datapath(m: Method) -> anyhow::Result<()> {
         m,
         &pins.path.join("firewall"),
         [
-            (udp4(hit4), udp4(other_bucket_v4(hit4, &t4)?)),
-            (udp6(hit6), udp6(other_bucket_v6(hit6, &t6)?)),
+            (
+                udp4(hit4),
+                udp4(Ipv4Addr::from(in_another_bucket(
+                    &t4,
+                    hit4.octets(),
+                    table_peers_v4().map(|a| a.octets()),
+                )?)),
+            ),
+            (
+                udp6(hit6),
+                udp6(Ipv6Addr::from(in_another_bucket(
+                    &t6,
+                    hit6.octets(),
+                    table_peers_v6().map(|a| a.octets()),
+                )?)),
+            ),
         ],
     )?;
     bench_egress(m, &mut ebpf, &set_ctrl, (local4, reply4), (local6, reply6))?;
@@ -623,40 +634,30 @@ pub(crate) fn bench_datapath(m: Method) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A peer of the benchmark's table (one of the 10,000 added above) whose
-/// bucket is not `of`'s: another bucket, so another cache line.
-fn other_bucket_v4(
-    of: Ipv4Addr,
-    t: &firewall_ctl::datapath::table::Table<firewall_ctl::datapath::table::V4>,
-) -> anyhow::Result<Ipv4Addr> {
-    let mask = t.buckets() - 1;
-    let bucket = |a: Ipv4Addr| {
-        firewall_common::hash4(u32::from_ne_bytes(a.octets()), &firewall_tests::TEST_SEED) & mask
-    };
-    (0..10_000u32)
-        .map(|i| {
-            let b = i.to_be_bytes();
-            Ipv4Addr::new(198, 19, b[2] | 0x80, b[3])
-        })
-        .find(|&a| bucket(a) != bucket(of))
-        .context("no peer in another bucket")
+/// The 10,000 IPv4 peers the benchmark's tables hold besides the hit frame's.
+fn table_peers_v4() -> impl Iterator<Item = Ipv4Addr> {
+    (0..10_000u32).map(|i| {
+        let b = i.to_be_bytes();
+        Ipv4Addr::new(198, 19, b[2] | 0x80, b[3])
+    })
 }
 
-/// The IPv6 counterpart of `other_bucket_v4`.
-fn other_bucket_v6(
-    of: Ipv6Addr,
-    t: &firewall_ctl::datapath::table::Table<firewall_ctl::datapath::table::V6>,
-) -> anyhow::Result<Ipv6Addr> {
-    let mask = t.buckets() - 1;
-    let bucket = |a: Ipv6Addr| {
-        firewall_common::hash6(
-            firewall_common::words6(&a.octets()),
-            &firewall_tests::TEST_SEED,
-        ) & mask
-    };
-    (0..10_000u32)
-        .map(|i| Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, (i >> 16) as u16, i as u16))
-        .find(|&a| bucket(a) != bucket(of))
+/// The 10,000 IPv6 peers the benchmark's tables hold besides the hit frame's.
+fn table_peers_v6() -> impl Iterator<Item = Ipv6Addr> {
+    (0..10_000u32).map(|i| Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, (i >> 16) as u16, i as u16))
+}
+
+/// The first of `candidates` that lives in another bucket of `t` than `of`
+/// (so on another cache line), by where the table put them.
+fn in_another_bucket<F: firewall_ctl::datapath::table::Family>(
+    t: &firewall_ctl::datapath::table::Table<F>,
+    of: F::Addr,
+    mut candidates: impl Iterator<Item = F::Addr>,
+) -> anyhow::Result<F::Addr> {
+    let bucket = |a: &F::Addr| t.find(a).first().map(|(slot, _)| slot.bucket);
+    let home = bucket(&of).context("the hit frame's peer is not in the table")?;
+    candidates
+        .find(|a| bucket(a).is_some_and(|b| b != home))
         .context("no peer in another bucket")
 }
 
