@@ -603,7 +603,7 @@ pub(crate) fn bench_datapath(m: Method) -> anyhow::Result<()> {
         met += usize::from(*ok);
     }
     println!("\n{met} of {} goals met", goals.len());
-    print_reply_breakdown(&frames, &get);
+    print_reply_breakdown(&frames, &get)?;
     set_ctrl(&mut ebpf, DEFAULTS)?;
     bench_two_cpus(
         m,
@@ -770,7 +770,7 @@ fn bench_two_cpus(
 fn print_reply_breakdown(
     frames: &[(&str, Vec<u8>, bool)],
     get: &dyn Fn(usize, Prog) -> Option<f64>,
-) {
+) -> anyhow::Result<()> {
     let replies: Vec<usize> = (0..frames.len())
         .filter(|&fi| frames[fi].0.ends_with("reply"))
         .collect();
@@ -798,18 +798,18 @@ fn print_reply_breakdown(
     let mut bound = Vec::new();
     let mut vs_bare_hit = Vec::new();
     for &fi in &replies {
-        let (Some(fl), Some(bare), Some(ours), Some(free), Some(hit)) = (
-            get(fi, Prog::Floor),
-            get(fi, Prog::Lookup),
-            get(fi, Prog::Ours),
-            get(fi, Prog::FreeProbe),
-            get(fi, Prog::OursDefaults),
-        ) else {
-            return;
+        let cell = |fi: usize, p: Prog| {
+            get(fi, p).with_context(|| format!("no {p:?} cell for {}", frames[fi].0))
         };
-        let bare_hit = hit_frame(frames[fi].2)
-            .and_then(|h| Some(get(h, Prog::Lookup)? - get(h, Prog::Floor)?));
-        let Some(bare_hit) = bare_hit else { return };
+        let (fl, bare, ours, free, hit) = (
+            cell(fi, Prog::Floor)?,
+            cell(fi, Prog::Lookup)?,
+            cell(fi, Prog::Ours)?,
+            cell(fi, Prog::FreeProbe)?,
+            cell(fi, Prog::OursDefaults)?,
+        );
+        let h = hit_frame(frames[fi].2).context("no hit frame")?;
+        let bare_hit = cell(h, Prog::Lookup)? - cell(h, Prog::Floor)?;
         for (row, v) in rows.iter_mut().zip([
             ours - fl,
             free - ours,
@@ -853,6 +853,7 @@ fn print_reply_breakdown(
     println!(
         "with the peers checked first, the reply rule (parse, key, hash, probe, compare, liveness)\nhas only the budget above; the first ratio is the least any flow table reaches with this parse and hash"
     );
+    Ok(())
 }
 
 /// The egress table's cells: the TC floor, egress with replies off (it
